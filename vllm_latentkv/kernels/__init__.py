@@ -1,0 +1,35 @@
+"""Triton kernels of the latentkv vLLM plugin (pure torch + triton; importable without vLLM).
+
+Each kernel sits beside a plain PyTorch reference (`*_ref`) that the tests in tests/kernels
+compare against. To run them on CPU, set TRITON_INTERPRET=1 before this package is imported.
+"""
+
+from .int4_pack import (
+    dequantize_int4,
+    int4_pack_rows,
+    int4_row_bytes,
+    int4_unpack_rows,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
+from .latent_cache import (
+    latent_cache_write,
+    latent_cache_write_int4,
+    latent_cache_write_int4_ref,
+    latent_cache_write_ref,
+)
+
+__all__ = [
+    "dequantize_int4",
+    "int4_pack_rows",
+    "int4_row_bytes",
+    "int4_unpack_rows",
+    "latent_cache_write",
+    "latent_cache_write_int4",
+    "latent_cache_write_int4_ref",
+    "latent_cache_write_ref",
+    "pack_int4",
+    "quantize_int4",
+    "unpack_int4",
+]

@@ -1,0 +1,54 @@
+"""Launch helpers shared by the kernel modules (pure torch + triton, no vLLM)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def is_interpreted(kernel) -> bool:
+    """True if `kernel` was decorated while TRITON_INTERPRET=1 (runs on CPU tensors)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_device(kernel, *tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device; CPU only under the Triton interpreter."""
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type == "cpu" and not is_interpreted(kernel):
+        raise RuntimeError(
+            "latentkv Triton kernels got CPU tensors but were compiled for a GPU: set "
+            "TRITON_INTERPRET=1 before vllm_latentkv.kernels is first imported to run them on CPU"
+        )
+    return dev
+
+
+def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes=None) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise ValueError(f"{name} dtype must be one of {dtypes}, got {t.dtype}")
+    if t.numel() and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
+
+
+def pow2_at_least(n: int, lo: int = 16) -> int:
+    """Block size covering n; >= 16 because tl.dot needs M, N, K >= 16 on tensor cores."""
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+def dot_dtype(kernel, *dtypes: torch.dtype):
+    """Operand dtype of tl.dot: fp32 under the interpreter (its bf16 dot is broken), else the
+    narrowest input dtype (fp16/bf16 tensor cores with fp32 accumulation), fp32 for fp32 inputs.
+    """
+    if is_interpreted(kernel) or all(d == torch.float32 for d in dtypes):
+        return tl.float32
+    if torch.bfloat16 in dtypes:
+        return tl.bfloat16
+    return tl.float16
