@@ -1,0 +1,121 @@
+"""Perplexity and greedy generation for any causal LM that returns HF-style logits.
+
+The model is only called as ``model(input_ids).logits`` with ``input_ids: [B, S]`` and
+``logits: [B, S, V]`` (HF ``*ForCausalLM`` and latentkv's reference model both qualify).
+
+Perplexity = exp(mean NLL over predicted tokens): in a window ``[x0, x1, ..., x_{n-1}]`` the
+logits at position i predict x_{i+1}, so a window of n tokens contributes n - 1 predictions and
+its first token (the BOS of a document window) is context only. The mean is over all predicted
+tokens of all windows (token-weighted), summed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["perplexity", "nll_sum", "greedy_generate"]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _as_windows(windows: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(windows, torch.Tensor):
+        if windows.dim() != 2:
+            raise ValueError(f"windows tensor must be [N, S], got shape {tuple(windows.shape)}")
+        windows = list(windows.unbind(0))
+    out = []
+    for i, w in enumerate(windows):
+        w = torch.as_tensor(w, dtype=torch.long)
+        if w.dim() != 1 or w.numel() < 2:
+            raise ValueError(f"window {i}: need a 1-D sequence of at least 2 tokens, got shape {tuple(w.shape)}")
+        out.append(w)
+    if not out:
+        raise ValueError("no evaluation windows")
+    return out
+
+
+@torch.inference_mode()
+def nll_sum(
+    model: torch.nn.Module,
+    windows: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> tuple[float, int]:
+    """(sum of NLL in nats over predicted tokens, number of predicted tokens)."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    wins = _as_windows(windows)
+    dev = _model_device(model)
+    total_pred = sum(len(w) - 1 for w in wins)
+    nll = 0.0  # python float = float64 accumulator
+    count = 0
+    bar = tqdm(total=total_pred, desc=desc, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
+    try:
+        for b in range(0, len(wins), batch_size):
+            batch = wins[b:b + batch_size]
+            lens = torch.tensor([len(w) for w in batch])
+            # Right padding needs no attention mask in a causal LM: pad tokens sit after every
+            # real token, so they cannot influence real positions; their predictions are masked.
+            ids = torch.zeros(len(batch), int(lens.max()), dtype=torch.long)
+            for i, w in enumerate(batch):
+                ids[i, : len(w)] = w
+            logits = model(ids.to(dev)).logits  # [B, S, V]
+            targets = ids[:, 1:].to(dev)  # label = next token
+            valid = (torch.arange(ids.shape[1] - 1)[None, :] < (lens[:, None] - 1)).to(dev)
+            tok_nll = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+            ).view_as(targets)
+            nll += tok_nll[valid].double().sum().item()
+            n = int(valid.sum())
+            count += n
+            bar.set_postfix(windows=f"{min(b + batch_size, len(wins))}/{len(wins)}",
+                            ppl=f"{math.exp(nll / count):.4g}", refresh=False)
+            bar.update(n)
+    finally:
+        bar.close()
+    return nll, count
+
+
+def perplexity(
+    model: torch.nn.Module,
+    windows: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> float:
+    """exp(mean next-token NLL) over ``windows`` (list of 1-D LongTensors, or an [N, S] tensor)."""
+    total, count = nll_sum(model, windows, batch_size=batch_size, progress=progress)
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
+def greedy_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    stop_token_ids: Iterable[int] = (),
+) -> torch.Tensor:
+    """Argmax decoding without a KV cache (full recompute each step) for models that lack HF
+    ``generate``. ``input_ids``: [S] or [1, S]; returns [1, S + n] with n <= max_new_tokens,
+    stopping after a token in ``stop_token_ids`` (which is included)."""
+    ids = input_ids.view(1, -1).to(_model_device(model), torch.long)
+    stop = set(stop_token_ids)
+    for _ in range(max_new_tokens):
+        nxt = model(ids).logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        ids = torch.cat([ids, nxt], dim=1)
+        if int(nxt) in stop:
+            break
+    return ids
