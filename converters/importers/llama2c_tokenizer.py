@@ -40,6 +40,7 @@ __all__ = [
     "read_llama2c_tokenizer",
     "llama2c_encode",
     "llama2c_decode",
+    "derive_merges",
     "build_hf_tokenizer",
     "write_hf_tokenizer_files",
     "UNK_ID",
