@@ -130,6 +130,9 @@ def vllm_server(tmp_path_factory):
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(MODEL_DIR.resolve()),
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", "wiki-mha-6M", "--max-model-len", "512",
+        # float32: on CPUs with AMX, vLLM 0.32 routes bf16 linears to sgl-kernel's
+        # _C::convert_weight_packed, which the CPU reference platform does not define (yet).
+        "--dtype", os.environ.get("LATENTKV_TEST_SERVE_DTYPE", "float32"),
     ]
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
