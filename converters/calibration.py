@@ -1,0 +1,124 @@
+"""Layer-by-layer calibration: run calibration tokens through the model one layer at a time.
+
+Like llm-compressor's sequential pipeline, only one decoder layer's weights are in memory at a
+time: the hidden states of all calibration sequences [N, L, D] are carried from layer to layer.
+For each layer the converter gets the attention input x = RMSNorm(h) and collects what its
+method needs (:class:`AttentionStats`), converts the layer, then moves the hidden states on
+through either the *original* layer (every layer is calibrated on the source model's
+activations) or the *converted* one (later layers see, and compensate for, earlier errors).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from converters.importers.hf import AttentionWeights, SourceModel
+from converters.math.rope_selection import pair_covariance
+from converters.math.stats import InputStats
+from latentkv import format as fmt
+from latentkv.modeling import DecoderLayer, LatentKVConfig
+
+
+@dataclass
+class AttentionStats:
+    """Calibration statistics of one layer's attention (float64 sums over N tokens)."""
+
+    inputs: InputStats  # x = RMSNorm(h), the input of q/k/v_proj: sum x x^T etc.
+    q_pair_norms: torch.Tensor  # [H, n_f] mean ||q^[pair i]||, after q-norm, before RoPE
+    k_pair_norms: torch.Tensor  # [G, n_f]
+    key_pair_cov: torch.Tensor  # [n_f, G, G] sum a_i a_i^T + b_i b_i^T over tokens
+    tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def source_layer_module(source: SourceModel, i: int, dtype=torch.float32) -> DecoderLayer:
+    """Layer i of the source model as a reference-model DecoderLayer (kind ``source``)."""
+    spec = single_layer_spec(source, fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(source.dims.head_dim)))
+    tensors = {n.removeprefix(f"model.layers.{i}."): source.tensor(n, dtype) for n in source.layer_names(i)}
+    return layer_module(source, spec, tensors, dtype)
+
+
+def single_layer_spec(source: SourceModel, layer: fmt.LayerSpec) -> fmt.LatentKVSpec:
+    return fmt.LatentKVSpec(
+        format_version=fmt.FORMAT_VERSION,
+        source=fmt.SourceInfo(architecture=source.architecture, model_type=source.model_type),
+        method=fmt.MethodInfo(name="calibration"),
+        rope_inv_freq=source.inv_freq.tolist(),
+        attention_bias=source.attention_bias,
+        qk_norm=source.qk_norm,
+        layers=[layer],
+    )
+
+
+def layer_module(source: SourceModel, spec: fmt.LatentKVSpec, tensors: dict[str, torch.Tensor], dtype) -> DecoderLayer:
+    """Build a one-layer DecoderLayer and load ``tensors`` (names relative to the layer)."""
+    config_dict = dict(source.config_dict)
+    config_dict.update(num_hidden_layers=1, latent_kv=spec.model_dump(), model_type=fmt.MODEL_TYPE)
+    for key in ("architectures", "layer_types"):
+        config_dict.pop(key, None)
+    config = LatentKVConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
+    module = DecoderLayer(config, spec, 0).to(dtype)
+    missing, unexpected = module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"layer tensors do not match the layer module: missing {missing}, unexpected {unexpected}")
+    return module.eval()
+
+
+@torch.no_grad()
+def embed(source: SourceModel, tokens: torch.Tensor) -> torch.Tensor:
+    """Token embeddings [N, L, D] in float32."""
+    return source.tensor("model.embed_tokens.weight", torch.float32)[tokens]
+
+
+@torch.no_grad()
+def attention_stats(source: SourceModel, i: int, hidden: torch.Tensor, src: AttentionWeights, chunk: int = 8) -> AttentionStats:
+    """Statistics of layer i's attention input and of its queries and keys."""
+    dims = source.dims
+    H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    n_f = d_h // 2
+    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
+    inputs = InputStats.zeros(dims.hidden_size)
+    q_norms = torch.zeros(H, n_f, dtype=torch.float64)
+    k_norms = torch.zeros(G, n_f, dtype=torch.float64)
+    cov = torch.zeros(n_f, G, G, dtype=torch.float64)
+    wq, wk = src.wq.float(), src.wk.float()
+    n = 0
+    for start in range(0, hidden.shape[0], chunk):
+        x = _rms_norm(hidden[start : start + chunk], norm_w, source.rms_norm_eps).flatten(0, 1)  # [n, D]
+        inputs.update(x)
+        q = (x @ wq.T + (src.bq.float() if src.bq is not None else 0)).view(-1, H, d_h)
+        k = (x @ wk.T + (src.bk.float() if src.bk is not None else 0)).view(-1, G, d_h)
+        if src.q_norm is not None:
+            q = _rms_norm(q, src.q_norm, source.rms_norm_eps)
+            k = _rms_norm(k, src.k_norm, source.rms_norm_eps)
+        q_norms += _pair_norms(q).sum(0)
+        k_norms += _pair_norms(k).sum(0)
+        cov += pair_covariance(k)
+        n += x.shape[0]
+    return AttentionStats(inputs=inputs, q_pair_norms=q_norms / n, k_pair_norms=k_norms / n, key_pair_cov=cov, tokens=n)
+
+
+def _pair_norms(x: torch.Tensor) -> torch.Tensor:
+    """||x^[pair i]|| per token and head: x [n, heads, d_h] -> [n, heads, n_f] (float64)."""
+    n_f = x.shape[-1] // 2
+    x = x.to(torch.float64)
+    return (x[..., :n_f].pow(2) + x[..., n_f:].pow(2)).sqrt()
+
+
+@torch.no_grad()
+def run_layer(module: DecoderLayer, hidden: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """Move calibration hidden states [N, L, D] through one layer (full causal attention)."""
+    out = torch.empty_like(hidden)
+    L = hidden.shape[1]
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk]
+        positions = torch.arange(L).expand(h.shape[0], L)
+        out[start : start + chunk] = module(h, positions, None, None, "expand")
+    return out

@@ -1,0 +1,290 @@
+"""Convert a Hugging Face MHA/GQA checkpoint into a latent-KV checkpoint, layer by layer.
+
+    for each layer i (only layer i's weights in memory):
+        stats  <- calibration activations of layer i        (if the method needs data)
+        plan   <- RoPE choice (partial pairs / shared rotation / full) and latent ranks
+        layer  <- build_latent_layer(source attention, plan, factorizer)
+        write layer tensors; move calibration hidden states on through layer i
+
+Everything is written to a temporary directory that is renamed to OUT at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from converters import calibration as calib
+from converters.importers.hf import SourceModel
+from converters.latent_attention import LatentPlan, build_latent_layer, plain_svd, source_layer_tensors
+from converters.math import rope_selection as rs
+from latentkv import checkpoint as ckpt
+from latentkv import format as fmt
+
+log = logging.getLogger("latentkv.convert")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ConvertOptions:
+    rope_mode: Literal["partial", "shared", "full"] = "partial"
+    rope_strategy: Literal["high", "low", "uniform", "2norm"] = "2norm"  # partial only
+    rope_pairs: int = 1  # partial: pairs kept per KV head; shared: rotated 2-D components in all
+    svd: Literal["joint", "split"] = "joint"
+    rank: int | None = None  # latent width per layer (joint rank, or k_rank + v_rank when split)
+    ranks: list[int] | None = None  # per-layer latent widths
+    kv_ratio: float | None = None  # target cache size / source cache size
+    latent_groups: int = 1  # Palu-style grouped-head latents
+    keep_layers: list[int] = field(default_factory=list)  # left uncompressed
+    calibration_text: str | None = None
+    calibration_samples: int = 32
+    calibration_seq_len: int = 256
+    calibration_seed: int = 0
+    calibration_inputs: Literal["original", "converted"] = "original"
+    dtype: str | None = None  # output dtype; default: the source's
+    shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES
+
+    def needs_calibration(self) -> bool:
+        return (self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
+
+
+class ConversionError(ValueError):
+    """Options that cannot work for this source model."""
+
+
+# ---- ranks -------------------------------------------------------------------------------------
+
+def rope_values(opts: ConvertOptions, dims: fmt.ModelDims, qk_norm: bool) -> int:
+    """Cached values per token spent on rope keys (and key scales) in one layer."""
+    G = dims.num_key_value_heads
+    if opts.rope_mode == "partial":
+        nope = dims.head_dim - 2 * opts.rope_pairs
+        return G * 2 * opts.rope_pairs + (G if qk_norm and nope else 0)
+    if opts.rope_mode == "shared":
+        return 2 * opts.rope_pairs
+    return 0
+
+
+def latent_widths(opts: ConvertOptions, dims: fmt.ModelDims, qk_norm: bool) -> list[int]:
+    """Latent width of every layer, from --rank, --ranks or --kv-ratio."""
+    L = dims.num_hidden_layers
+    given = [x is not None for x in (opts.rank, opts.ranks, opts.kv_ratio)]
+    if sum(given) != 1:
+        raise ConversionError("give exactly one of rank, ranks (per layer) or kv_ratio")
+    if opts.ranks is not None:
+        if len(opts.ranks) != L:
+            raise ConversionError(f"ranks has {len(opts.ranks)} entries; the model has {L} layers")
+        return list(opts.ranks)
+    if opts.rank is not None:
+        return [opts.rank] * L
+    if not 0 < opts.kv_ratio <= 1:
+        raise ConversionError(f"kv_ratio must be in (0, 1], got {opts.kv_ratio}")
+    source = fmt.source_cache_values_per_token(dims)
+    rope = rope_values(opts, dims, qk_norm)
+    width = round(opts.kv_ratio * source) - rope
+    if width < 1:
+        raise ConversionError(
+            f"kv_ratio {opts.kv_ratio} leaves no room for a latent: the rope keys alone take "
+            f"{rope / source:.1%} of the source cache; keep fewer rope pairs or raise the ratio"
+        )
+    return [width] * L
+
+
+def make_ranks(width: int, opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: int) -> tuple[int, int]:
+    """(k_rank, v_rank) for a latent of ``width`` values, checked against what is possible.
+
+    A width derived from --kv-ratio is clamped to the largest useful rank (beyond it the latent is
+    exact already); an explicit --rank above it is an error.
+    """
+    clamp = opts.kv_ratio is not None
+    G, d_h, n_grp = dims.num_key_value_heads, dims.head_dim, opts.latent_groups
+    if opts.svd == "joint" or nope_dim == 0:
+        k_rank = v_rank = width
+        limit = min(G * (nope_dim + d_h), dims.hidden_size)
+    else:
+        if width < 2:
+            raise ConversionError(f"a split latent needs width >= 2, got {width}")
+        k_rank = width // 2  # MHA2MLA's SVD_split gives d_kv / 2 to each
+        v_rank = width - k_rank
+        limit = 2 * min(G * d_h, dims.hidden_size)
+    if width > limit and clamp:
+        log.info("latent width %d is more than the useful maximum %d; using %d", width, limit, limit)
+        return make_ranks(limit, opts, dims, nope_dim)
+    if width > limit:
+        raise ConversionError(f"latent width {width} exceeds the largest useful rank {limit} for this model")
+    for name, r in (("k", k_rank), ("v", v_rank)):
+        if r % n_grp:
+            raise ConversionError(f"{name} rank {r} is not divisible by latent_groups={n_grp}; pick a width that is")
+    return k_rank, v_rank
+
+
+# ---- the conversion ----------------------------------------------------------------------------
+
+def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool = False) -> None:
+    dims = source.dims
+    n_f, G = dims.head_dim // 2, dims.num_key_value_heads
+    if opts.rope_mode == "partial" and not 1 <= opts.rope_pairs <= n_f:
+        raise ConversionError(f"rope_pairs={opts.rope_pairs}: a KV head has only {n_f} frequency pairs (head_dim/2)")
+    if opts.rope_mode == "shared":
+        if source.qk_norm:
+            raise ConversionError("shared RoPE cannot represent q/k-norm sources (Qwen3): use --rope-mode partial or full")
+        if not 1 <= opts.rope_pairs <= n_f * G:
+            raise ConversionError(f"rope_pairs={opts.rope_pairs}: shared RoPE has {n_f * G} components (KV heads x head_dim/2)")
+    if G % opts.latent_groups:
+        raise ConversionError(f"latent_groups={opts.latent_groups} does not divide the {G} KV heads")
+    bad = [i for i in opts.keep_layers if not 0 <= i < dims.num_hidden_layers]
+    if bad:
+        raise ConversionError(f"keep_layers {bad} outside [0, {dims.num_hidden_layers})")
+    if opts.needs_calibration() and not opts.calibration_text and not has_tokens:
+        raise ConversionError(f"rope_mode={opts.rope_mode} strategy={opts.rope_strategy} needs --calibration-text")
+    if opts.dtype is not None and opts.dtype not in DTYPES:
+        raise ConversionError(f"dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def calibration_tokens(source: SourceModel, opts: ConvertOptions) -> torch.Tensor:
+    """[N, L] token ids from the calibration text, checked before heavy work starts."""
+    from transformers import AutoTokenizer
+
+    from latentkv.text import check_tokenizer_matches, load_calibration_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(source.dir)
+    check_tokenizer_matches(tokenizer, source.hf_config)
+    return load_calibration_samples(
+        opts.calibration_text, tokenizer, n=opts.calibration_samples, seq_len=opts.calibration_seq_len, seed=opts.calibration_seed
+    )
+
+
+def plan_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, stats) -> LatentPlan:
+    dims = source.dims
+    G, n_f = dims.num_key_value_heads, dims.head_dim // 2
+    plan = LatentPlan(rope_mode=opts.rope_mode, joint=opts.svd == "joint", k_rank=0, v_rank=0, groups=opts.latent_groups)
+    if opts.rope_mode == "partial":
+        scores = rs.two_norm_scores(stats.q_pair_norms, stats.k_pair_norms) if stats is not None else None
+        plan.pairs = rs.select_partial_pairs(opts.rope_strategy, n_f, G, opts.rope_pairs, scores)
+        nope_dim = dims.head_dim - 2 * opts.rope_pairs
+    elif opts.rope_mode == "shared":
+        plan.rotation, energy = rs.shared_rotation(stats.key_pair_cov)
+        plan.components = rs.top_components(energy, opts.rope_pairs)
+        nope_dim = dims.head_dim
+    else:
+        nope_dim = dims.head_dim
+    plan.k_rank, plan.v_rank = make_ranks(width, opts, dims, nope_dim)
+    plan.joint = plan.joint or nope_dim == 0
+    return plan
+
+
+def convert(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    opts: ConvertOptions,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    calibration_ids: torch.Tensor | None = None,
+) -> dict:
+    """Convert ``src_dir`` into a latent checkpoint at ``out_dir``; returns a summary report.
+
+    ``calibration_ids`` [N, L] replaces ``opts.calibration_text`` when given (tests, benchmarks).
+    """
+    t0 = time.perf_counter()
+    source = SourceModel(src_dir)
+    validate_options(opts, source, has_tokens=calibration_ids is not None)
+    dims = source.dims
+    widths = latent_widths(opts, dims, source.qk_norm)
+    out_dtype = DTYPES[opts.dtype] if opts.dtype else source.dtype
+    tokens = calibration_ids
+    if tokens is None and opts.needs_calibration():
+        tokens = calibration_tokens(source, opts)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+
+    layers: list[fmt.LayerSpec] = []
+    with ckpt.atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        writer = ckpt.ShardedWriter(tmp, opts.shard_bytes)
+        for name in source.non_attention_names():
+            if name == "lm_head.weight" and dims.tie_word_embeddings:
+                continue  # tied to the embedding, as the config says
+            if not name.startswith("model.layers."):
+                writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
+        hidden = calib.embed(source, tokens) if tokens is not None else None
+        bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
+        for i in bar:
+            layer, tensors = convert_layer(i, widths[i], opts, source, hidden)
+            layers.append(layer)
+            prefix = f"model.layers.{i}."
+            for name in source.layer_names(i):
+                if ".self_attn." not in name:
+                    writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
+            for name, t in tensors.items():
+                writer.add(prefix + "self_attn." + name, t.to(out_dtype))
+            if hidden is not None and i + 1 < dims.num_hidden_layers:
+                hidden = _propagate(i, hidden, layer, tensors, opts, source)
+        writer.close()
+        spec = _spec(source, opts, layers)
+        _write_config(tmp, source, spec, out_dtype)
+        ckpt.copy_tokenizer_files(source.dir, tmp)
+        ckpt.validate_checkpoint(tmp)
+    report = fmt.kv_bytes_report(spec, dims, element_bytes=torch.tensor([], dtype=out_dtype).element_size())
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    log.info("converted %s -> %s: KV cache %.1f%% of the source", src_dir, out_dir, 100 * report["ratio"])
+    return report
+
+
+def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden):
+    src = source.attention(i)
+    dims = source.dims
+    if i in opts.keep_layers:
+        return fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(dims.head_dim)), source_layer_tensors(src)
+    stats = calib.attention_stats(source, i, hidden, src) if hidden is not None else None
+    plan = plan_layer(i, width, opts, source, stats)
+    return build_latent_layer(src, plan, dims, plain_svd)
+
+
+def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel):
+    """Hidden states for layer i+1: through the source layer, or the converted one."""
+    if opts.calibration_inputs == "original":
+        module = calib.source_layer_module(source, i)
+    else:
+        rest = {n.removeprefix(f"model.layers.{i}."): source.tensor(n, torch.float32) for n in source.layer_names(i) if ".self_attn." not in n}
+        rest.update({"self_attn." + n: t.float() for n, t in tensors.items()})
+        module = calib.layer_module(source, calib.single_layer_spec(source, layer), rest, torch.float32)
+    return calib.run_layer(module, hidden)
+
+
+def _spec(source: SourceModel, opts: ConvertOptions, layers: list) -> fmt.LatentKVSpec:
+    params = {k: v for k, v in asdict(opts).items() if k not in ("shard_bytes",)}
+    return fmt.LatentKVSpec(
+        format_version=fmt.FORMAT_VERSION,
+        source=fmt.SourceInfo(architecture=source.architecture, model_type=source.model_type, name=source.dir.name),
+        method=fmt.MethodInfo(name="mha2mla", params=params),
+        rope_inv_freq=source.inv_freq.tolist(),
+        attention_bias=source.attention_bias,
+        qk_norm=source.qk_norm,
+        layers=layers,
+    )
+
+
+def _write_config(out: Path, source: SourceModel, spec: fmt.LatentKVSpec, dtype: torch.dtype) -> None:
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+            "bos_token_id", "eos_token_id", "pad_token_id")
+    config = {k: source.config_dict[k] for k in keep if k in source.config_dict}
+    config.update(
+        architectures=[fmt.ARCHITECTURE],
+        model_type=fmt.MODEL_TYPE,
+        head_dim=source.dims.head_dim,
+        num_key_value_heads=source.dims.num_key_value_heads,
+        tie_word_embeddings=source.dims.tie_word_embeddings,
+        torch_dtype=str(dtype).removeprefix("torch."),
+        latent_kv=spec.model_dump(mode="json"),
+    )
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
