@@ -44,7 +44,8 @@ class ConvertOptions:
     kv_ratio: float | None = None  # target cache size / source cache size
     latent_groups: int = 1  # Palu-style grouped-head latents
     keep_layers: list[int] = field(default_factory=list)  # left uncompressed
-    calibration_text: str | None = None
+    calibration_text: str | None = None  # plain text, or JSON lines with a text field
+    calibration_text_field: str = "text"
     calibration_samples: int = 32
     calibration_seq_len: int = 256
     calibration_seed: int = 0
@@ -158,7 +159,8 @@ def calibration_tokens(source: SourceModel, opts: ConvertOptions) -> torch.Tenso
     tokenizer = AutoTokenizer.from_pretrained(source.dir)
     check_tokenizer_matches(tokenizer, source.hf_config)
     return load_calibration_samples(
-        opts.calibration_text, tokenizer, n=opts.calibration_samples, seq_len=opts.calibration_seq_len, seed=opts.calibration_seed
+        opts.calibration_text, tokenizer, opts.calibration_samples, opts.calibration_seq_len,
+        seed=opts.calibration_seed, text_field=opts.calibration_text_field,
     )
 
 

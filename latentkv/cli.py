@@ -1,0 +1,236 @@
+"""The ``latentkv`` command line: convert, eval, inspect, import-llama2c, demo.
+
+Errors the user can fix (bad paths, impossible ranks, corrupt files, ...) print one line that
+names the problem and exit with status 2; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "converters" / "data"
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _size(text: str) -> int:
+    units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("positions (RoPE)")
+    g.add_argument("--rope-mode", choices=["partial", "shared", "full"], default="partial",
+                   help="partial: MHA2MLA kept pairs per KV head; shared: RoRoPE rotated components shared by all heads; "
+                        "full: no dims lose RoPE, keys rebuilt from the latent (default: %(default)s)")
+    g.add_argument("--rope-strategy", choices=["high", "low", "uniform", "2norm"], default="2norm",
+                   help="partial mode: which pairs each KV head keeps (default: %(default)s, needs calibration text)")
+    g.add_argument("--rope-pairs", type=int, default=1,
+                   help="partial: pairs kept per KV head; shared: rotated 2-D components in all (default: %(default)s)")
+    g = p.add_argument_group("latent")
+    size = g.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="latent width per layer (joint rank, or k+v ranks when split)")
+    size.add_argument("--ranks", type=_int_list, help="comma-separated latent width of every layer")
+    size.add_argument("--kv-ratio", type=float, help="target KV cache size as a fraction of the source's, e.g. 0.5")
+    g.add_argument("--svd", choices=["joint", "split"], default="joint", help="SVD_joint or SVD_split (default: %(default)s)")
+    g.add_argument("--latent-groups", type=int, default=1, help="Palu-style grouped-head latents (default: %(default)s)")
+    g.add_argument("--keep-layers", type=_int_list, default=[], help="layers left uncompressed, e.g. 0,1")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calibration-text", help="plain text or JSON lines used for statistics")
+    g.add_argument("--text-field", default="text", help="JSON-lines field holding the text (default: %(default)s)")
+    g.add_argument("--calibration-samples", type=int, default=32)
+    g.add_argument("--calibration-seq-len", type=int, default=256)
+    g.add_argument("--calibration-inputs", choices=["original", "converted"], default="original",
+                   help="feed each layer the source model's activations or the converted layers' (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("output")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the source's)")
+    g.add_argument("--shard-size", type=_size, default="2GB", help="largest safetensors shard (default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def options_from_args(args: argparse.Namespace):
+    from converters.convert import ConvertOptions
+
+    return ConvertOptions(
+        rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
+        rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups,
+        keep_layers=args.keep_layers, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
+        calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
+        calibration_seed=args.seed, calibration_inputs=args.calibration_inputs, dtype=args.dtype,
+        shard_bytes=args.shard_size,
+    )
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from converters.convert import convert
+
+    report = convert(args.src, args.out, options_from_args(args), overwrite=args.overwrite)
+    print(f"wrote {args.out} in {report['seconds']} s")
+    print(inspect_table(args.out))
+
+
+def inspect_table(model_dir: str | Path) -> str:
+    """Per-layer attention kinds and cache widths, KV bytes per token and the ratio to the source."""
+    from latentkv import format as fmt
+    from latentkv.checkpoint import validate_checkpoint
+
+    spec, dims = validate_checkpoint(model_dir)
+    rows = [f"{'layer':>5}  {'kind':<12} {'rope':<8} {'latent (k/v)':<14} {'rope keys':<10} {'cache values':>12}"]
+    for i, layer in enumerate(spec.layers):
+        width = fmt.cache_values_per_token(layer, spec, dims)
+        if isinstance(layer, fmt.LatentLayer):
+            lat = layer.latent
+            latent = f"{lat.v_rank} joint" if lat.joint else f"{lat.k_rank}/{lat.v_rank}"
+            if lat.groups > 1:
+                latent += f" x{lat.groups}g"
+            rope = f"{layer.num_rope_heads}x{layer.rope_head_dim}"
+            rows.append(f"{i:>5}  {'latent':<12} {layer.rope_mode:<8} {latent:<14} {rope:<10} {width:>12}")
+        else:
+            rows.append(f"{i:>5}  {layer.kind:<12} {'full':<8} {'-':<14} {'-':<10} {width:>12}")
+    report = fmt.kv_bytes_report(spec, dims, element_bytes=2)
+    rows.append(
+        f"KV cache per token (16-bit): {report['bytes_per_token']} bytes vs {report['source_bytes_per_token']} "
+        f"for the source = {report['ratio']:.1%}  (method: {spec.method.name}, source: {spec.source.architecture})"
+    )
+    return "\n".join(rows)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    print(inspect_table(args.model))
+
+
+def load_model(model_dir: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def evaluate_perplexity(model_dir: str | Path, text: str | Path, seq_len: int, max_windows: int | None, batch_size: int, text_field: str = "text") -> float:
+    from latentkv.evaluate import perplexity
+    from latentkv.text import check_tokenizer_matches, load_eval_windows
+
+    model, tokenizer = load_model(model_dir)
+    check_tokenizer_matches(tokenizer, model.config)
+    windows = load_eval_windows(text, tokenizer, seq_len, max_windows=max_windows, text_field=text_field)
+    return perplexity(model, windows, batch_size=batch_size)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    ppl = evaluate_perplexity(args.model, args.text, args.seq_len, args.max_windows, args.batch_size, args.text_field)
+    print(f"perplexity {ppl:.4f}  ({args.model} on {args.text})")
+
+
+def cmd_import_llama2c(args: argparse.Namespace) -> None:
+    from converters.importers.llama2c import import_llama2c
+
+    out = import_llama2c(Path(args.model), Path(args.tokenizer), Path(args.out), overwrite=args.overwrite)
+    print(f"wrote Hugging Face checkpoint {out}")
+
+
+def generate_text(model_dir: str | Path, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation through the model's own cache (the latent cache for latentkv models)."""
+    import torch
+
+    model, tokenizer = load_model(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Import the shipped stories260K, convert it, compare perplexities, tell a story."""
+    from converters.convert import ConvertOptions, convert
+    from converters.importers.llama2c import import_llama2c, packaged_stories260k
+
+    work = Path(args.workdir)
+    src, out = work / "stories260K-hf", work / "stories260K-latent"
+    print(f"[1/4] importing the real pretrained stories260K (llama2.c) into {src}")
+    import_llama2c(*packaged_stories260k(), src, overwrite=True)
+    opts = ConvertOptions(rope_mode="full", svd="joint", kv_ratio=args.kv_ratio,
+                          calibration_text=str(DATA / "text" / "tinystories_a.txt"))
+    print(f"[2/4] converting to a latent-KV checkpoint ({opts.rope_mode} RoPE, {opts.svd} SVD, KV ratio {opts.kv_ratio}) into {out}")
+    convert(src, out, opts, overwrite=True)
+    print(inspect_table(out))
+    text = DATA / "text" / "tinystories_sample.txt"
+    print(f"[3/4] perplexity on {text.name} (each story from BOS)")
+    base = evaluate_perplexity(src, text, 512, None, 4)
+    conv = evaluate_perplexity(out, text, 512, None, 4)
+    print(f"      original {base:.3f}   converted {conv:.3f}   ratio {conv / base:.3f}")
+    print("[4/4] a story generated through the latent cache (greedy):")
+    print("      " + generate_text(out, args.prompt, args.max_new_tokens).replace("\n", "\n      "))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="latentkv", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a Hugging Face MHA/GQA checkpoint to a latent-KV checkpoint")
+    p.add_argument("src", help="source model directory (Hugging Face safetensors)")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    add_convert_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="perplexity of a model (source or converted) on a text file")
+    p.add_argument("model")
+    p.add_argument("--text", required=True, help="plain text or JSON lines")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("inspect", help="per-layer ranks, KV bytes per token and the ratio to the source")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("import-llama2c", help="turn a llama2.c checkpoint + tokenizer into a Hugging Face directory")
+    p.add_argument("model")
+    p.add_argument("tokenizer")
+    p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_llama2c)
+
+    p = sub.add_parser("demo", help="convert the shipped stories260K, compare perplexity, generate a story")
+    p.add_argument("--workdir", default="latentkv-demo")
+    p.add_argument("--kv-ratio", type=float, default=0.5)
+    p.add_argument("--prompt", default="Once upon a time")
+    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from latentkv.checkpoint import CheckpointError
+    from latentkv.format import FormatError
+
+    try:
+        args.func(args)
+    except (FileExistsError, FileNotFoundError, CheckpointError, FormatError, ValueError) as e:
+        print(f"latentkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
