@@ -1,0 +1,162 @@
+"""The converter is exact where the math says it must be, and lossy only where it chooses to be.
+
+Oracles: the source models run by Hugging Face transformers itself, and an independent
+partial-RoPE attention written below from the source weights.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from converters.convert import ConvertOptions, convert
+from latentkv.modeling import LatentKVCache
+from tests.helpers import load_hf, load_latent, make_hf_model
+
+TOL = 1e-4  # fp32 logits, max abs difference
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    return {
+        "llama-mha": make_hf_model(root / "llama-mha", "llama", kv_heads=4),
+        "llama-gqa": make_hf_model(root / "llama-gqa", "llama", kv_heads=2),
+        "qwen2-gqa": make_hf_model(root / "qwen2-gqa", "qwen2", kv_heads=2),
+        "qwen3-gqa": make_hf_model(root / "qwen3-gqa", "qwen3", kv_heads=2),
+    }
+
+
+def _convert(src, tmp_path, **kw):
+    out = tmp_path / "latent"
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    convert(src, out, ConvertOptions(**kw), progress=False, calibration_ids=ids)
+    return out
+
+
+EXACT_SETTINGS = [
+    dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, kv_ratio=1.0),  # all pairs kept
+    dict(rope_mode="full", kv_ratio=1.0),
+    dict(rope_mode="full", kv_ratio=1.0, svd="split"),
+    dict(rope_mode="shared", rope_pairs=16, kv_ratio=1.0),  # every rotated component kept (G=2: 2 x 8)
+]
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa", "qwen2-gqa", "qwen3-gqa"])
+@pytest.mark.parametrize("setting", EXACT_SETTINGS, ids=lambda s: f"{s['rope_mode']}-{s.get('svd', 'joint')}")
+def test_full_rank_conversion_equals_source(sources, name, setting, tmp_path):
+    if setting["rope_mode"] == "shared":
+        if name.startswith("qwen3"):
+            pytest.skip("shared RoPE rejects q/k-norm sources (tested in test_cli_errors)")
+        setting = dict(setting, rope_pairs=8 * (4 if name == "llama-mha" else 2))
+    out = _convert(sources[name], tmp_path, **setting)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+    ref = load_hf(sources[name])(ids).logits
+    got = load_latent(out)(ids).logits
+    assert (got - ref).abs().max().item() < TOL
+
+
+def partial_rope_reference(src_model, pairs_per_head, ids):
+    """The source model with RoPE removed outside the kept pairs, written from the HF modules."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    cfg = src_model.config
+    H, G, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    n_f = d // 2
+    inv_freq = src_model.model.rotary_emb.inv_freq.double()
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kw):
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, H, d).double()
+        k = self.k_proj(hidden_states).view(B, T, G, d).double()
+        v = self.v_proj(hidden_states).view(B, T, G, d).double()
+        angle = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq  # [T, n_f]
+        kept = torch.zeros(G, n_f, dtype=torch.bool)
+        for g, pairs in enumerate(pairs_per_head):
+            kept[g, pairs] = True
+        kept_q = kept.repeat_interleave(H // G, 0)
+
+        def rot(x, keep):  # rotate only kept pairs: NoPE elsewhere
+            a, b = x[..., :n_f], x[..., n_f:]
+            cos = torch.where(keep, angle[:, None].cos(), torch.ones(()))
+            sin = torch.where(keep, angle[:, None].sin(), torch.zeros(()))
+            return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
+
+        q, k = rot(q, kept_q), rot(k, kept)
+        k, v = k.repeat_interleave(H // G, 2), v.repeat_interleave(H // G, 2)
+        s = torch.einsum("bthd,bshd->bhts", q, k) / d**0.5
+        s = s.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+        o = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v).float()
+        return self.o_proj(o.reshape(B, T, H * d)), None
+
+    original = LlamaAttention.forward
+    LlamaAttention.forward = forward
+    try:
+        return src_model(ids).logits
+    finally:
+        LlamaAttention.forward = original
+
+
+@pytest.mark.parametrize("name", ["llama-mha", "llama-gqa"])
+def test_partial_rope_low_rank_step_is_lossless_at_full_rank(sources, name, tmp_path):
+    out = _convert(sources[name], tmp_path, rope_mode="partial", rope_strategy="uniform", rope_pairs=3, kv_ratio=1.0)
+    model = load_latent(out)
+    pairs = [layer.rope_pairs for layer in model.config.spec.layers]
+    assert all(p == pairs[0] for p in pairs)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    ref = partial_rope_reference(load_hf(sources[name]), pairs[0], ids)
+    full_rope = load_hf(sources[name])(ids).logits
+    got = model(ids).logits
+    assert (got - ref).abs().max().item() < TOL
+    assert (got - full_rope).abs().max().item() > 10 * TOL  # partial RoPE really changed the model
+
+
+DECODE_SETTINGS = [
+    ("llama-gqa", dict(rope_mode="partial", rope_strategy="2norm", rope_pairs=2, kv_ratio=0.5)),
+    ("qwen2-gqa", dict(rope_mode="partial", rope_strategy="low", rope_pairs=2, kv_ratio=0.5, svd="split")),
+    ("qwen3-gqa", dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, kv_ratio=0.5)),
+    ("llama-mha", dict(rope_mode="shared", rope_pairs=6, kv_ratio=0.4)),
+    ("qwen2-gqa", dict(rope_mode="full", kv_ratio=0.5, latent_groups=2)),
+    ("qwen3-gqa", dict(rope_mode="full", kv_ratio=0.25, svd="split")),
+]
+
+
+@pytest.mark.parametrize("name,setting", DECODE_SETTINGS, ids=lambda x: x if isinstance(x, str) else x["rope_mode"])
+def test_latent_cache_decode_equals_full_forward(sources, name, setting, tmp_path):
+    model = load_latent(_convert(sources[name], tmp_path, **setting))
+    ids = torch.randint(0, 128, (2, 18), generator=torch.Generator().manual_seed(4))
+    full = model(ids).logits
+    cache = LatentKVCache(model.config.num_hidden_layers)
+    steps = [model(ids[:, :10], past_key_values=cache).logits]  # prefill (expanded path)
+    for t in range(10, 18):  # one token at a time: absorbed path
+        steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    decoded = torch.cat(steps, dim=1)
+    assert (decoded - full).abs().max().item() < TOL
+    # the cache holds exactly what the format promises
+    layer = model.config.spec.layers[0]
+    G = model.config.num_key_value_heads
+    scale = G if (setting["rope_mode"] == "partial" and name.startswith("qwen3")) else 0
+    values = layer.latent.width + layer.num_rope_heads * layer.rope_head_dim + scale
+    assert cache.bytes_per_token(0) == values * 4
+    assert set(cache.layers[0].entries) <= {"latent", "rope", "key_scale"}
+
+
+def test_cache_bytes_follow_the_format_in_bf16(sources, tmp_path):
+    out = _convert(sources["llama-gqa"], tmp_path, rope_mode="partial", rope_strategy="high", rope_pairs=1, rank=10, dtype="bfloat16")
+    model = load_latent(out, dtype=torch.bfloat16)
+    cache = LatentKVCache(model.config.num_hidden_layers)
+    model(torch.randint(0, 128, (1, 7)), past_key_values=cache)
+    # (latent + n_kv x rope dims) x element size = (10 + 2 x 2) x 2 bytes
+    assert [cache.bytes_per_token(i) for i in range(2)] == [28, 28]
+
+
+def test_generate_uses_the_latent_cache(sources, tmp_path):
+    model = load_latent(_convert(sources["llama-gqa"], tmp_path, rope_mode="full", kv_ratio=0.5))
+    ids = torch.randint(0, 128, (1, 5))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, LatentKVCache)
+    assert out.past_key_values.get_seq_length() == 10  # 5 prompt + 5 fed back (the 6th is not cached yet)
+    no_cache = ids
+    for _ in range(6):  # greedy without any cache gives the same tokens
+        no_cache = torch.cat([no_cache, model(no_cache).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out.sequences, no_cache)
