@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .preconditioners import preconditioner, top_eigenvectors
+from .preconditioners import preconditioner, top_eigenvectors, top_right_singular_vectors
 from .stats import InputStats
 
 __all__ = [
@@ -150,10 +150,13 @@ def joint_qk_hosvd(
             Qh = Qh + m[:, :, None] * bq[:, None, :] + bq[:, :, None] * m[:, None, :]
             Qh = Qh + bq[:, :, None] * bq[:, None, :]
         Qg = torch.zeros(num_kv_heads, d, d, dtype=torch.float64).index_add_(0, gmap, Qh)
-        S_k = torch.einsum("gaD,gab,gbE->DE", Y, Qg, Y)  # sum_g Y_g^T Q_g Y_g
-        Ak_w = top_eigenvectors(S_k, rank_k, what="joint QK key plane")  # eq. 75
-        total = float(torch.einsum("gab,gba->", Qg, K))  # sum_i ||G_i||^2
-        captured = float(((Ak_w @ S_k) * Ak_w).sum())
+        # S_k = sum_g Y_g^T Q_g Y_g = F^T F with the thin factor F = [Q_g^{1/2} Y_g]_g  [G d, D]
+        ev, V = torch.linalg.eigh(0.5 * (Qg + Qg.transpose(1, 2)))
+        Qg_half = (V * ev.clamp_min(0.0).sqrt()[:, None, :]) @ V.transpose(1, 2)
+        F = (Qg_half @ Y).reshape(num_kv_heads * d, D)
+        Ak_w = top_right_singular_vectors(F, rank_k, what="joint QK key plane")  # eq. 75
+        total = float(F.square().sum())  # sum_i ||G_i||^2
+        captured = float((F @ Ak_w.T).square().sum())
         B_k = (Y @ Ak_w.T).reshape(num_kv_heads * d, rank_k)  # eq. 78, J_i = I
         A_k = Ak_w @ P_k_inv.to(torch.float64)
         return JointQKResult(A_k=A_k, B_k=B_k, loss_history=[total - captured], loss_total=total)
@@ -207,17 +210,21 @@ def attention_aware_key_latent(
     n_iter: int = 8,
     group_map=None,
     b_q: torch.Tensor | None = None,
+    sqrt_method: str = "eigh",
 ) -> JointQKResult:
     """Key latent (A_k [rank, D], B_k [G d, rank]) minimising the attention-logit error.
 
     Root-covariance pre-conditioning on both sides (LatentLLM eq. 13 / Algorithm 1 with P = C^{1/2};
-    `damping` relative as in :mod:`.stats`).  centred_keys=True whitens the key side with the
+    `damping` relative as in :mod:`.stats`; sqrt_method="cholesky" is the fast, loss-identical
+    root, see :func:`.preconditioners.preconditioner`).  centred_keys=True whitens the key side with the
     centred covariance (softmax-invariant loss, see module doc).  Returns :class:`JointQKResult`
     (``res.A_k``, ``res.B_k``; ``res.A_q``/``res.B_q`` when rank_q is given).
     """
-    P_q, P_q_inv = preconditioner("root_covariance", stats, damping=damping)
+    P_q, P_q_inv = preconditioner("root_covariance", stats, damping=damping, sqrt_method=sqrt_method)
     if centred_keys:
-        P_k, P_k_inv = preconditioner("root_covariance", stats, damping=damping, centred=True)
+        P_k, P_k_inv = preconditioner(
+            "root_covariance", stats, damping=damping, centred=True, sqrt_method=sqrt_method
+        )
     else:
         P_k, P_k_inv = P_q, P_q_inv
     return joint_qk_hosvd(

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .joint_qk import default_group_map
-from .preconditioners import preconditioner, top_eigenvectors
+from .preconditioners import preconditioner, top_right_singular_vectors
 from .stats import InputStats
 
 __all__ = [
@@ -95,10 +95,13 @@ def joint_vo(
     Y = Wv @ P.to(torch.float64)  # [G, d, D]   Y_g = W_v,g P
     Oh = Wo.transpose(1, 2) @ Wo  # [H, d, d]   W_o,i^T W_o,i
     Og = torch.zeros(num_kv_heads, d, d, dtype=torch.float64).index_add_(0, gmap, Oh)
-    S = torch.einsum("gaD,gab,gbE->DE", Y, Og, Y)  # sum_i G_i^T G_i
-    Av_w = top_eigenvectors(S, rank, what="joint VO value plane")  # eq. 184 with B_o B_o^T = I
-    total = float(torch.diagonal(S).sum())
-    captured = float(((Av_w @ S) * Av_w).sum())
+    # sum_i G_i^T G_i = sum_g Y_g^T O_g Y_g = F^T F,  F = [O_g^{1/2} Y_g]_g  [G d, D] (thin)
+    ev, V = torch.linalg.eigh(0.5 * (Og + Og.transpose(1, 2)))
+    Og_half = (V * ev.clamp_min(0.0).sqrt()[:, None, :]) @ V.transpose(1, 2)
+    F = (Og_half @ Y).reshape(num_kv_heads * d, D)
+    Av_w = top_right_singular_vectors(F, rank, what="joint VO value plane")  # eq. 184, B_o B_o^T = I
+    total = float(F.square().sum())
+    captured = float((F @ Av_w.T).square().sum())
     B_v = (Y @ Av_w.T).reshape(num_kv_heads * d, rank)  # eq. 186, J_i = I
     A_v = Av_w @ P_inv.to(torch.float64)
     return JointVOResult(A_v=A_v, B_v=B_v, loss=total - captured, loss_total=total)
@@ -114,13 +117,15 @@ def output_aware_value_latent(
     damping: float,
     centred: bool = False,
     group_map=None,
+    sqrt_method: str = "eigh",
 ) -> JointVOResult:
-    """(A_v [rank, D], B_v [G d, rank]) with root-covariance pre-conditioning (`damping` relative).
+    """(A_v [rank, D], B_v [G d, rank]) with root-covariance pre-conditioning (`damping` relative;
+    sqrt_method="cholesky" is the fast, loss-identical root).
 
     centred=True: decompose on the centred covariance, then correct the value bias with
     ``bias_update(W_v, res.A_v, res.B_v, stats.mean, b_v)``.
     """
-    P, P_inv = preconditioner("root_covariance", stats, damping=damping, centred=centred)
+    P, P_inv = preconditioner("root_covariance", stats, damping=damping, centred=centred, sqrt_method=sqrt_method)
     return joint_vo(W_v, W_o, rank, num_kv_heads=num_kv_heads, P=P, P_inv=P_inv, group_map=group_map)
 
 

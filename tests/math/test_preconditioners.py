@@ -81,3 +81,35 @@ def test_unknown_kind_rejected(correlated_inputs):
     s = InputStats.from_activations(correlated_inputs(50, 4, seed=11))
     with pytest.raises(ValueError, match="unknown pre-conditioner"):
         preconditioner("rootcov", s, damping=0.0)
+
+
+def test_cholesky_root_gives_identical_factors(randn, correlated_inputs):
+    from converters.math.activation_svd import activation_aware_lowrank
+    from converters.math.joint_qk import attention_aware_key_latent
+
+    X = correlated_inputs(500, 16, seed=12)
+    s = InputStats.from_activations(X)
+    L, L_inv = preconditioner("root_covariance", s, damping=0.01, sqrt_method="cholesky")
+    torch.testing.assert_close(L @ L.T, s.autocorrelation(0.01))
+    assert torch.equal(L, torch.tril(L))
+    P, P_inv = preconditioner("root_covariance", s, damping=0.01)
+    W = randn(10, 16, seed=13)
+    for r in (3, 7):
+        A1, B1 = activation_aware_lowrank(W, r, P, P_inv)
+        A2, B2 = activation_aware_lowrank(W, r, L, L_inv)
+        torch.testing.assert_close(B2 @ A2, B1 @ A1, atol=1e-9, rtol=1e-9)
+        # the latent c = A x itself matches up to the sign of each coordinate
+        torch.testing.assert_close((A2 * torch.sign(A2[:, :1] / A1[:, :1])), A1, atol=1e-8, rtol=1e-8)
+    W_q, W_k = randn(32, 16, seed=14), randn(8, 16, seed=15)
+    a = attention_aware_key_latent(W_q, W_k, s, 5, num_kv_heads=2, damping=0.01)
+    b = attention_aware_key_latent(W_q, W_k, s, 5, num_kv_heads=2, damping=0.01, sqrt_method="cholesky")
+    torch.testing.assert_close(b.B_k @ b.A_k, a.B_k @ a.A_k, atol=1e-9, rtol=1e-9)
+
+
+def test_cholesky_failure_falls_back_to_eigh_with_warning(randn):
+    s = InputStats.from_activations(randn(6, 16, seed=16))  # rank 6 of 16, no damping
+    with pytest.warns(CovarianceConditioningWarning) as rec:
+        P, P_inv = preconditioner("root_covariance", s, damping=0.0, sqrt_method="cholesky")
+    msgs = [str(w.message) for w in rec]
+    assert any("Cholesky failed" in m for m in msgs) and any("Fallback: clamped" in m for m in msgs)
+    torch.testing.assert_close(P @ P_inv, torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)
