@@ -23,6 +23,26 @@ def register() -> None:
     _registered = True
     # Model and attention-backend registration go here (imports of vLLM inside
     # this function only, never at module level).
+    _register_latent_model()
+
+
+def _register_latent_model() -> None:
+    """The latent-KV architecture, its config type and its attention backend (idempotent).
+
+    Touches nothing a non-latent model uses: a new architecture name, a new model type and a
+    new backend name. Imports only vLLM's registries; the model module is imported lazily.
+    """
+    from vllm import ModelRegistry
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from vllm_latentkv.attention import BACKEND_NAME, BACKEND_PATH
+    from vllm_latentkv.config import register_config
+
+    register_config()
+    if "LatentKVForCausalLM" not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model("LatentKVForCausalLM", "vllm_latentkv.model:LatentKVForCausalLM")
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, BACKEND_PATH)
 
 
 def is_registered() -> bool:

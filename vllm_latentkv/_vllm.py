@@ -24,6 +24,41 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+# --- latent model and attention layer (vllm_latentkv.model, vllm_latentkv.attention) ---
+from vllm.config import CacheConfig, get_current_vllm_config
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaMLP
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
 __all__ = [
     "AttentionBackend",
     "AttentionBackendEnum",
@@ -31,7 +66,33 @@ __all__ = [
     "AttentionLayer",
     "AttentionMetadataBuilder",
     "AttentionSpec",
+    "Attention",
+    "AttentionLayerBase",
     "AttentionType",
+    "CacheConfig",
+    "ColumnParallelLinear",
+    "IntermediateTensors",
+    "LlamaMLP",
+    "LogitsProcessor",
+    "MLAAttentionSpec",
+    "PPMissingLayer",
+    "ParallelLMHead",
+    "QuantizationConfig",
+    "RMSNorm",
+    "ReplicatedLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "default_weight_loader",
+    "extract_layer_index",
+    "get_current_vllm_config",
+    "get_forward_context",
+    "get_pp_group",
+    "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_world_size",
+    "is_pp_missing_parameter",
+    "make_empty_intermediate_tensors_factory",
+    "make_layers",
+    "maybe_prefix",
     "CommonAttentionMetadata",
     "MultipleOf",
     "VllmConfig",

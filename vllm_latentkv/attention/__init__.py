@@ -1,0 +1,8 @@
+"""Latent-KV attention for vLLM: layer (``layer.py``), backend (``backend.py``), cache layout
+and spec (``cache.py``, INT4 page bytes), per-head layers (``head.py``).
+
+Importing this package imports vLLM; :mod:`vllm_latentkv` itself does not.
+"""
+
+BACKEND_NAME = "LATENTKV_MLA"
+BACKEND_PATH = "vllm_latentkv.attention.backend.LatentKVAttentionBackend"

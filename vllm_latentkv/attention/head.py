@@ -1,0 +1,90 @@
+"""Per-head attention of ``source`` and TransKV ``reduced_head`` layers: vLLM's ``Attention``.
+
+    source        q, k [*, d_h] rotated with the source frequencies; cache K, V [G, d_h] each
+    reduced_head  q' = P_K^T RoPE(q), k' = P_K^T RoPE(k) (k_reduce [G, d_h, r_k]), v [G, r_v]
+                  (P_V folded into v_proj/o_proj); vLLM's ``Attention`` with head size r_k.
+                  The CPU platform's paged backend stores K and V at one head size, so when
+                  r_k != r_v both are zero-padded to max(r_k, r_v) (exact; the cache then holds
+                  2 G max(r_k, r_v) values per token instead of G (r_k + r_v)).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentkv import format as fmt
+from vllm_latentkv.attention.layer import rope
+from vllm_latentkv._vllm import (
+    Attention,
+    CacheConfig,
+    ColumnParallelLinear,
+    QuantizationConfig,
+    RowParallelLinear,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+
+
+class HeadAttention(nn.Module):
+    def __init__(
+        self,
+        spec: fmt.LatentKVSpec,
+        dims: fmt.ModelDims,
+        layer_idx: int,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        layer = spec.layers[layer_idx]
+        where = f"latent_kv.layers[{layer_idx}]"
+        if spec.qk_norm:
+            raise NotImplementedError(f"{where}: q/k-norm sources (qk_norm=true) are not supported by the latentkv vLLM plugin yet")
+        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+        if H % tp or G % tp:
+            raise ValueError(f"{where}: {H} query heads / {G} KV heads cannot be split over tensor-parallel size {tp}")
+        self.H_l, self.G_l, self.d_h = H // tp, G // tp, d_h
+        self.reduced = isinstance(layer, fmt.ReducedHeadLayer)
+        self.d_k = layer.k_head_dim if self.reduced else d_h
+        self.d_v = layer.v_head_dim if self.reduced else d_h
+        self.d_c = max(self.d_k, self.d_v)  # cached head size (K and V padded alike)
+        bias, D = spec.attention_bias, dims.hidden_size
+        self.q_proj = ColumnParallelLinear(D, H * d_h, bias=bias, quant_config=quant_config, prefix=f"{prefix}.q_proj")
+        self.k_proj = ColumnParallelLinear(D, G * d_h, bias=bias, quant_config=quant_config, prefix=f"{prefix}.k_proj")
+        self.v_proj = ColumnParallelLinear(D, G * self.d_v, bias=bias, quant_config=quant_config, prefix=f"{prefix}.v_proj")
+        self.o_proj = RowParallelLinear(H * self.d_v, D, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        if self.reduced:
+            self.k_reduce = nn.Parameter(torch.empty(self.G_l, d_h, self.d_k), requires_grad=False)
+            g0 = rank * self.G_l
+
+            def load_k_reduce(param: nn.Parameter, loaded: torch.Tensor) -> None:
+                param.data.copy_(loaded[g0 : g0 + self.G_l])
+
+            self.k_reduce.weight_loader = load_k_reduce
+        self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64)
+        self.attn = Attention(
+            self.H_l, self.d_c, layer.softmax_scale, num_kv_heads=self.G_l,
+            cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
+        )
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        T = hidden_states.shape[0]
+        q, _ = self.q_proj(hidden_states)
+        k, _ = self.k_proj(hidden_states)
+        v, _ = self.v_proj(hidden_states)
+        q = rope(q.view(T, self.H_l, self.d_h), positions, self.source_freqs)
+        k = rope(k.view(T, self.G_l, self.d_h), positions, self.source_freqs)
+        v = v.view(T, self.G_l, self.d_v)
+        if self.reduced:
+            rep = self.H_l // self.G_l
+            k = torch.einsum("tgd,gdr->tgr", k, self.k_reduce)
+            q = torch.einsum("thd,hdr->thr", q, self.k_reduce.repeat_interleave(rep, dim=0))
+        pad = self.d_c
+        q, k, v = (F.pad(x, (0, pad - x.shape[-1])) for x in (q, k, v))
+        o = self.attn(q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
+        o = o.view(T, self.H_l, pad)[..., : self.d_v].reshape(T, self.H_l * self.d_v)
+        out, _ = self.o_proj(o)
+        return out

@@ -1,0 +1,263 @@
+"""Latent (MLA-style) attention of a latent-KV checkpoint in vLLM, with a real latent cache.
+
+Symbols (one layer; the format's symbol table is ``latentkv.format``; this rank of TP size P
+holds H_l = H / P query heads and G_l = G / P KV heads; the latent is replicated):
+
+    x            [T, D]                     this step's tokens, all requests concatenated
+    q_proj       [H (d_n + R_D), D]         column-parallel by query head: [q_nope | q_rope]
+    kv_a_proj    [W + R_H R_D, D]           replicated: [c (W) | k_rope (R_H x R_D)]
+    k_b_proj     [G d_n, r_k / n_grp]       column-parallel by KV head (W_uk)
+    v_b_proj     [G d_h, r_v / n_grp]       column-parallel by KV head (W_uv)
+    o_proj       [D, H d_h]                 row-parallel
+    chunk(g)     latent chunk read by KV head g: g // (G / n_grp)
+    slot(h)      rope key head read by query head h: h // (H / R_H)
+    cache row    [c | RoPE(k_rope)] per token (``cache.py``; INT4: packed latent + fp16 rope)
+
+Prefill ("expand", MHA2MLA / DeepSeek-V2 training form), per request, context read back from
+the paged cache so that chunked prefill and prefix caching see exactly what decode sees:
+
+    c_1..S, k_rope_1..S  = cache rows of the request (this step's rows written first)
+    k_t,g = W_uk[g] c_k,t[chunk(g)] + b_k          (full: k_t,g = RoPE_t(W_uk[g] c_k,t + b_k))
+    v_t,g = W_uv[g] c_v,t[chunk(g)] + b_v
+    s_h,t = q_nope,h . k_t,g(h) + RoPE(q_rope,h) . k_rope_t[slot(h)]
+    o_h   = sum_t softmax(scale s_h)_t v_t,g(h)
+
+Decode ("absorb", MHA2MLA App. B / DeepSeek-V2 eq. 10 absorbed), one query token:
+
+    q~_h  = W_uk[g(h)]^T q_nope,h                  (b_k adds q_nope . b_k to every score: dropped,
+                                                     softmax is shift invariant)
+    s_h,t = q~_h . c_k,t[chunk] + RoPE(q_rope,h) . k_rope_t[slot(h)]    <- Triton kernel over pages
+    o_h   = W_uv[g(h)] (sum_t softmax(scale s_h)_t c_v,t[chunk]) + b_v
+
+Full RoPE caches the latent only; its keys are rebuilt (and rotated) at attention time, only
+the values are absorbed. Latent groups (Palu, n_grp > 1) reach the kernel as a query that is
+zero outside its chunk, so one pass over the page serves all groups.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from latentkv import format as fmt
+from latentkv.rope import rotate
+from vllm_latentkv._vllm import (
+    AttentionLayerBase,
+    ColumnParallelLinear,
+    QuantizationConfig,
+    ReplicatedLinear,
+    RowParallelLinear,
+    VllmConfig,
+    get_forward_context,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
+from vllm_latentkv.attention.backend import (
+    LatentKVAttentionBackend,
+    LatentKVAttentionImpl,
+    LatentKVMetadata,
+    triton_usable,
+)
+from vllm_latentkv.attention.cache import LatentCacheLayout
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE of x [T, heads, 2n] at positions [T]: the reference model's rotate (float64 angles)."""
+    return rotate(x[None], positions[None], inv_freq)[0]
+
+
+class LatentAttention(nn.Module, AttentionLayerBase):
+    """Attention of a ``latent`` layer; it is its own vLLM attention layer (cache owner)."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        spec: fmt.LatentKVSpec,
+        dims: fmt.ModelDims,
+        layer_idx: int,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        layer = spec.layers[layer_idx]
+        assert isinstance(layer, fmt.LatentLayer)
+        where = f"latent_kv.layers[{layer_idx}]"
+        if spec.qk_norm:
+            raise NotImplementedError(
+                f"{where}: q/k-norm sources (qk_norm=true) are not supported by the latentkv vLLM backend yet"
+            )
+        self.layer, self.layer_name = layer, prefix
+        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+        if H % tp or G % tp:
+            raise ValueError(f"{where}: {H} query heads / {G} KV heads cannot be split over tensor-parallel size {tp}")
+        self.tp, self.rank = tp, rank
+        self.H, self.G, self.d_h = H, G, d_h
+        self.H_l, self.G_l = H // tp, G // tp
+        self.num_heads = self.H_l
+        self.d_n, self.R_H, self.R_D = layer.qk_nope_head_dim, layer.num_rope_heads, layer.rope_head_dim
+        lat = layer.latent
+        self.W, self.n_grp = lat.width, lat.groups
+        self.k_slice, self.v_slice = lat.k_slice, lat.v_slice
+        self.r_k, self.r_v = lat.k_rank // lat.groups, lat.v_rank // lat.groups
+        self.full = layer.rope_mode == "full"
+        self.scale = layer.softmax_scale
+        bias, D = spec.attention_bias, dims.hidden_size
+
+        self.q_proj = ColumnParallelLinear(D, H * (self.d_n + self.R_D), bias=bias, quant_config=quant_config, prefix=f"{prefix}.q_proj")
+        self.kv_a_proj = ReplicatedLinear(D, self.W + self.R_H * self.R_D, bias=bias, quant_config=quant_config, prefix=f"{prefix}.kv_a_proj")
+        self.k_b_proj = (
+            ColumnParallelLinear(self.r_k, G * self.d_n, bias=bias, quant_config=None, prefix=f"{prefix}.k_b_proj")
+            if self.d_n else None
+        )
+        self.v_b_proj = ColumnParallelLinear(self.r_v, G * d_h, bias=bias, quant_config=None, prefix=f"{prefix}.v_b_proj")
+        self.o_proj = RowParallelLinear(H * d_h, D, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj")
+
+        # Index maps of this rank's heads (global indices where the format needs them).
+        h_glob = torch.arange(self.H_l) + rank * self.H_l
+        g_glob = torch.arange(self.G_l) + rank * self.G_l
+        self.kv_of_head = (torch.arange(self.H_l) // (self.H_l // self.G_l)).tolist()  # local KV head
+        self.chunk_of_kv = (g_glob // (G // self.n_grp)).tolist()
+        self.chunk_of_head = [self.chunk_of_kv[g] for g in self.kv_of_head]
+        self.slot_of_head = (h_glob // (H // self.R_H)).tolist() if self.R_H else []
+        freqs = spec.rope_inv_freq
+        self.rope_freqs = torch.tensor([[freqs[i] for i in p] for p in layer.rope_pairs], dtype=torch.float64) if self.R_H else None
+        self.q_rope_freqs = self.rope_freqs[self.slot_of_head] if self.R_H else None  # [H_l, R_D/2]
+        self.source_freqs = torch.tensor(freqs, dtype=torch.float64)
+
+        # vLLM attention-layer plumbing: the cache spec, the backend, the static forward context.
+        model_dtype = vllm_config.model_config.dtype if vllm_config.model_config is not None else torch.get_default_dtype()
+        cache_dtype = vllm_config.cache_config.cache_dtype if vllm_config.cache_config is not None else "auto"
+        elt_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(cache_dtype, model_dtype)
+        self.layout = LatentCacheLayout.for_layer(layer, spec, elt_dtype, where)
+        self.attn_backend = LatentKVAttentionBackend
+        self.impl = LatentKVAttentionImpl(self.layout, cache_dtype)
+        self.kv_cache = torch.tensor([])
+        ctx = vllm_config.compilation_config.static_forward_context
+        if prefix in ctx:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        ctx[prefix] = self
+
+    # -- AttentionLayerBase -------------------------------------------------------------------
+    def get_attn_backend(self):
+        return self.attn_backend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig):
+        return self.layout.make_spec(vllm_config.cache_config.block_size)
+
+    # -- per-KV-head weights ------------------------------------------------------------------
+    def _w(self, proj: nn.Module, out_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[G_l, out, r'] weight and [G_l, out] bias (fp32) of an up-projection."""
+        w = proj.weight.float().view(self.G_l, out_dim, -1)
+        b = proj.bias.float().view(self.G_l, out_dim) if getattr(proj, "bias", None) is not None else None
+        return w, b
+
+    def _chunks(self, lat: torch.Tensor, part: slice) -> torch.Tensor:
+        """lat [S, W] -> the chunk each local KV head reads [S, G_l, r']."""
+        return lat[:, part].unflatten(-1, (self.n_grp, -1))[:, self.chunk_of_kv]
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        T = hidden_states.shape[0]
+        q, _ = self.q_proj(hidden_states)
+        q = q.view(T, self.H_l, self.d_n + self.R_D)
+        q_nope, q_rope = q.split((self.d_n, self.R_D), dim=-1)
+        kv, _ = self.kv_a_proj(hidden_states)
+        c, k_rope = kv.split((self.W, self.R_H * self.R_D), dim=-1)
+        if self.R_H:
+            k_rope = rope(k_rope.view(T, self.R_H, self.R_D), positions, self.rope_freqs).flatten(1)
+            q_rope = rope(q_rope, positions, self.q_rope_freqs)
+        if self.full:
+            q_nope = rope(q_nope, positions, self.source_freqs)
+
+        o = torch.zeros(T, self.H_l, self.d_h, dtype=torch.float32, device=hidden_states.device)
+        ctx = get_forward_context()
+        meta = ctx.attn_metadata
+        if isinstance(meta, list):
+            meta = meta[0]
+        if isinstance(meta, dict):
+            meta = meta.get(self.layer_name)
+        if meta is not None:  # None: profiling / dummy run, nothing cached to attend to
+            slots = ctx.slot_mapping
+            slots = slots.get(self.layer_name, meta.slot_mapping) if isinstance(slots, dict) else meta.slot_mapping
+            self.impl.write(c, k_rope, self.kv_cache, slots)
+            self._attend_all(q_nope.float(), q_rope.float(), meta, o)
+        out, _ = self.o_proj(o.to(hidden_states.dtype).view(T, self.H_l * self.d_h))
+        return out
+
+    def _attend_all(self, q_nope, q_rope, meta: LatentKVMetadata, o: torch.Tensor) -> None:
+        kernel_done = set()
+        if meta.decode_reqs and self._kernel_decode_ok(o.device):
+            idx = meta.decode_tokens
+            o[idx] = self._kernel_decode(q_nope[idx], q_rope[idx], meta)
+            kernel_done = set(meta.decode_reqs)
+        qsl = meta.query_start_loc
+        for r, seq_len in enumerate(meta.seq_lens):
+            start, end = qsl[r], qsl[r + 1]
+            if end == start or r in kernel_done:
+                continue
+            lat, rope_k = self.impl.read(self.kv_cache, meta.block_table[r], seq_len)
+            o[start:end] = self._attend(q_nope[start:end], q_rope[start:end], lat, rope_k, absorb=end - start == 1)
+
+    # -- the math (pure torch, fp32) ----------------------------------------------------------
+    def _attend(self, q_nope, q_rope, lat, rope_k, absorb: bool) -> torch.Tensor:
+        """One request: q [L, H_l, .] (its last L of S positions), cache rows lat [S, W], rope_k [S, R_H, R_D]."""
+        L, S = q_nope.shape[0], lat.shape[0]
+        heads = self.kv_of_head
+        scores = q_nope.new_zeros(self.H_l, L, S)
+        if self.d_n:
+            c_k = self._chunks(lat, self.k_slice)  # [S, G_l, r_k']
+            w_uk, b_k = self._w(self.k_b_proj, self.d_n)
+            if absorb and not self.full:
+                q_lat = torch.einsum("lhd,hdr->lhr", q_nope, w_uk[heads])  # q~ = W_uk^T q_nope
+                scores += torch.einsum("lhr,shr->hls", q_lat, c_k[:, heads])
+            else:
+                k = torch.einsum("sgr,gdr->sgd", c_k, w_uk)  # keys rebuilt from the latent
+                if b_k is not None:
+                    k = k + b_k
+                if self.full:
+                    k = rope(k, torch.arange(S, device=k.device), self.source_freqs)
+                scores += torch.einsum("lhd,shd->hls", q_nope, k[:, heads])
+        if self.R_H:
+            scores += torch.einsum("lhd,shd->hls", q_rope, rope_k[:, self.slot_of_head])
+        q_pos = torch.arange(S - L, S, device=lat.device)[:, None]
+        allowed = torch.arange(S, device=lat.device)[None, :] <= q_pos  # [L, S] causal
+        probs = (scores * self.scale).masked_fill(~allowed, float("-inf")).softmax(-1)
+        c_v = self._chunks(lat, self.v_slice)  # [S, G_l, r_v']
+        w_uv, b_v = self._w(self.v_b_proj, self.d_h)
+        if absorb:
+            o_lat = torch.einsum("hls,shr->lhr", probs, c_v[:, heads])  # sum_t p_t c_t
+            o = torch.einsum("lhr,hdr->lhd", o_lat, w_uv[heads])  # W_uv after attention
+        else:
+            v = torch.einsum("sgr,gdr->sgd", c_v, w_uv)
+            o = torch.einsum("hls,shd->lhd", probs, v[:, heads])
+        if b_v is not None:
+            o = o + b_v[heads]
+        return o
+
+    # -- absorbed decode on the Triton kernel -------------------------------------------------
+    def _kernel_decode_ok(self, device: torch.device) -> bool:
+        # Kernel: one k range over the whole latent, rope slot h // (H / R_H) of the local head.
+        return not self.full and self.d_n > 0 and self.R_H > 0 and self.tp == 1 and triton_usable(device)
+
+    def _kernel_decode(self, q_nope, q_rope, meta: LatentKVMetadata) -> torch.Tensor:
+        B = q_nope.shape[0]
+        heads = self.kv_of_head
+        w_uk, _ = self._w(self.k_b_proj, self.d_n)
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk[heads])  # [B, H, r_k']
+        lat = self.layer.latent
+        if self.n_grp > 1:  # zero outside each head's chunk: one pass serves all groups
+            full = q_lat.new_zeros(B, self.H_l, self.n_grp, self.r_k)
+            full[:, torch.arange(self.H_l), self.chunk_of_head] = q_lat
+            q_lat = full.flatten(2)
+        o_lat = self.impl.decode(
+            q_lat, q_rope, self.kv_cache, meta, self.scale,
+            k_range=(self.k_slice.start, lat.k_rank), v_range=(self.v_slice.start, lat.v_rank),
+        )  # [B, H, r_v]
+        if self.n_grp > 1:
+            o_lat = o_lat.view(B, self.H_l, self.n_grp, self.r_v)[:, torch.arange(self.H_l), self.chunk_of_head]
+        w_uv, b_v = self._w(self.v_b_proj, self.d_h)
+        o = torch.einsum("bhr,hdr->bhd", o_lat.float(), w_uv[heads])
+        if b_v is not None:
+            o = o + b_v[heads]
+        return o
