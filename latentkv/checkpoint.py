@@ -23,7 +23,8 @@ from latentkv import format as fmt
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+# A shard is assembled in memory before it is written, so the shard size bounds peak memory too.
+DEFAULT_SHARD_BYTES = 1024**3
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

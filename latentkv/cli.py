@@ -47,6 +47,19 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--svd", choices=["joint", "split"], default="joint", help="SVD_joint or SVD_split (default: %(default)s)")
     g.add_argument("--latent-groups", type=int, default=1, help="Palu-style grouped-head latents (default: %(default)s)")
     g.add_argument("--keep-layers", type=_int_list, default=[], help="layers left uncompressed, e.g. 0,1")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=["svd", "activation", "latentllm"], default="svd",
+                   help="svd: plain SVD (MHA2MLA); activation: SVD of W P with an activation pre-conditioner (LatentLLM "
+                        "Table 1); latentllm: attention-aware key latent (joint Q/K) + output-aware value latent "
+                        "(joint V/O), needs --svd split. Methods other than svd need calibration text (default: %(default)s)")
+    g.add_argument("--preconditioner", default="root_covariance",
+                   choices=["identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance"],
+                   help="--method activation: the pre-conditioner P (default: %(default)s)")
+    g.add_argument("--damping", type=float, default=0.01,
+                   help="relative damping lam = damping * mean diag of the input second moment (default: %(default)s)")
+    g.add_argument("--rank-allocation", choices=["uniform", "lorc", "budgeted"], default="uniform",
+                   help="per-layer latent widths for --kv-ratio/--rank: uniform; lorc: LoRC progressive ranks from the "
+                        "key/value weights' condition numbers; budgeted: activation error curves, same total (default: %(default)s)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration-text", help="plain text or JSON lines used for statistics")
     g.add_argument("--text-field", default="text", help="JSON-lines field holding the text (default: %(default)s)")
@@ -57,7 +70,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("output")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="output dtype (default: the source's)")
-    g.add_argument("--shard-size", type=_size, default="2GB", help="largest safetensors shard (default: %(default)s)")
+    g.add_argument("--shard-size", type=_size, default="1GiB",
+                   help="largest safetensors shard; also bounds the writer's memory (default: %(default)s)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
@@ -67,7 +81,8 @@ def options_from_args(args: argparse.Namespace):
     return ConvertOptions(
         rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
         rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups,
-        keep_layers=args.keep_layers, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
+        keep_layers=args.keep_layers, method=args.method, preconditioner=args.preconditioner, damping=args.damping,
+        rank_allocation=args.rank_allocation, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
         calibration_seed=args.seed, calibration_inputs=args.calibration_inputs, dtype=args.dtype,
         shard_bytes=args.shard_size,
@@ -164,9 +179,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     src, out = work / "stories260K-hf", work / "stories260K-latent"
     print(f"[1/4] importing the real pretrained stories260K (llama2.c) into {src}")
     import_llama2c(*packaged_stories260k(), src, overwrite=True)
-    opts = ConvertOptions(rope_mode="full", svd="joint", kv_ratio=args.kv_ratio,
-                          calibration_text=str(DATA / "text" / "tinystories_a.txt"))
-    print(f"[2/4] converting to a latent-KV checkpoint ({opts.rope_mode} RoPE, {opts.svd} SVD, KV ratio {opts.kv_ratio}) into {out}")
+    opts = ConvertOptions(rope_mode="full", svd="joint", kv_ratio=args.kv_ratio, method="activation",
+                          preconditioner="root_covariance", calibration_text=str(DATA / "text" / "tinystories_a.txt"))
+    print(f"[2/4] converting to a latent-KV checkpoint ({opts.rope_mode} RoPE, {opts.svd} SVD, {opts.method} method with "
+          f"{opts.preconditioner} pre-conditioner, KV ratio {opts.kv_ratio}) into {out}")
     convert(src, out, opts, overwrite=True)
     print(inspect_table(out))
     text = DATA / "text" / "tinystories_sample.txt"
