@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from converters import calibration as calib
+from converters import methods
 from converters.importers.hf import SourceModel
-from converters.latent_attention import LatentPlan, build_latent_layer, plain_svd, source_layer_tensors
+from converters.latent_attention import LatentPlan, build_latent_layer, source_layer_tensors
 from converters.math import rope_selection as rs
 from latentkv import checkpoint as ckpt
 from latentkv import format as fmt
@@ -44,6 +45,10 @@ class ConvertOptions:
     kv_ratio: float | None = None  # target cache size / source cache size
     latent_groups: int = 1  # Palu-style grouped-head latents
     keep_layers: list[int] = field(default_factory=list)  # left uncompressed
+    method: Literal["svd", "activation", "latentllm"] = "svd"  # see converters.methods
+    preconditioner: str = "root_covariance"  # method activation: LatentLLM Table 1 kind
+    damping: float = 0.01  # relative damping of the activation statistics (activation, latentllm)
+    rank_allocation: Literal["uniform", "lorc", "budgeted"] = "uniform"  # per-layer widths from kv_ratio / rank
     calibration_text: str | None = None  # plain text, or JSON lines with a text field
     calibration_text_field: str = "text"
     calibration_samples: int = 32
@@ -54,7 +59,8 @@ class ConvertOptions:
     shard_bytes: int = ckpt.DEFAULT_SHARD_BYTES
 
     def needs_calibration(self) -> bool:
-        return (self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
+        return ((self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
+                or self.method != "svd" or self.rank_allocation == "budgeted")
 
 
 class ConversionError(ValueError):
@@ -144,8 +150,22 @@ def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool
     bad = [i for i in opts.keep_layers if not 0 <= i < dims.num_hidden_layers]
     if bad:
         raise ConversionError(f"keep_layers {bad} outside [0, {dims.num_hidden_layers})")
+    if opts.method not in methods.METHODS:
+        raise ConversionError(f"method {opts.method!r}: choose one of {', '.join(methods.METHODS)}")
+    if opts.method == "activation" and opts.preconditioner not in methods.PRECONDITIONERS:
+        raise ConversionError(f"preconditioner {opts.preconditioner!r}: choose one of {', '.join(methods.PRECONDITIONERS)}")
+    if opts.method == "latentllm" and opts.svd != "split":
+        raise ConversionError("method latentllm builds separate key and value latents: use --svd split")
+    if opts.damping < 0:
+        raise ConversionError(f"damping must be >= 0, got {opts.damping}")
+    if opts.rank_allocation not in methods.RANK_ALLOCATIONS:
+        raise ConversionError(f"rank_allocation {opts.rank_allocation!r}: choose one of {', '.join(methods.RANK_ALLOCATIONS)}")
+    if opts.rank_allocation != "uniform" and opts.ranks is not None:
+        raise ConversionError("rank_allocation lorc/budgeted distributes a total budget: give kv_ratio or rank, not ranks")
     if opts.needs_calibration() and not opts.calibration_text and not has_tokens:
-        raise ConversionError(f"rope_mode={opts.rope_mode} strategy={opts.rope_strategy} needs --calibration-text")
+        what = f"method={opts.method}" if opts.method != "svd" else (
+            "rank_allocation=budgeted" if opts.rank_allocation == "budgeted" else f"rope_mode={opts.rope_mode} strategy={opts.rope_strategy}")
+        raise ConversionError(f"{what} needs --calibration-text")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ConversionError(f"dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -218,9 +238,13 @@ def convert(
             if not name.startswith("model.layers."):
                 writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
         hidden = calib.embed(source, tokens) if tokens is not None else None
+        cached_stats: dict = {}
+        if opts.rank_allocation != "uniform":
+            widths = allocate_widths(widths, opts, source, hidden, cached_stats)
+            log.info("%s rank allocation: latent widths %s", opts.rank_allocation, widths)
         bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
         for i in bar:
-            layer, tensors = convert_layer(i, widths[i], opts, source, hidden)
+            layer, tensors = convert_layer(i, widths[i], opts, source, hidden, cached_stats.pop(i, None))
             layers.append(layer)
             prefix = f"model.layers.{i}."
             for name in source.layer_names(i):
@@ -241,14 +265,95 @@ def convert(
     return report
 
 
-def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden):
+def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):
     src = source.attention(i)
     dims = source.dims
     if i in opts.keep_layers:
         return fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(dims.head_dim)), source_layer_tensors(src)
-    stats = calib.attention_stats(source, i, hidden, src) if hidden is not None else None
+    if stats is None and hidden is not None:
+        stats = calib.attention_stats(source, i, hidden, src)
     plan = plan_layer(i, width, opts, source, stats)
-    return build_latent_layer(src, plan, dims, plain_svd)
+    return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims))
+
+
+def _nope_and_value(src, plan: LatentPlan, dims: fmt.ModelDims):
+    from converters import latent_attention as la
+
+    builders = {"partial": la._partial_parts, "shared": la._shared_parts, "full": la._full_parts}
+    return builders[plan.rope_mode](src, plan, dims)["wk_nope"], src.wv
+
+
+def _width_limit(opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: int) -> int:
+    G, d_h = dims.num_key_value_heads, dims.head_dim
+    if opts.svd == "joint" or nope_dim == 0:
+        return min(G * (nope_dim + d_h), dims.hidden_size)
+    return 2 * min(G * d_h, dims.hidden_size)
+
+
+def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel, hidden, cached_stats: dict) -> list[int]:
+    """Per-layer latent widths with the same total as ``widths`` over the compressed layers.
+
+    lorc: LoRC progressive ranks from the condition numbers of each layer's compressed key and value
+    weights (weights only); the mean width is <= the uniform one.  budgeted: error curves of the
+    method's activation loss per layer (statistics pre-pass over all layers with the source model's
+    activations), then the allocation minimising the summed loss at exactly the same total.
+    """
+    dims = source.dims
+    L = dims.num_hidden_layers
+    layers = [i for i in range(L) if i not in opts.keep_layers]
+    out = list(widths)
+    if not layers:
+        return out
+    nope_dim = dims.head_dim - 2 * opts.rope_pairs if opts.rope_mode == "partial" else dims.head_dim
+    limit = _width_limit(opts, dims, nope_dim)
+    clamp = lambda w: min(w, limit) if opts.kv_ratio is not None else w  # noqa: E731
+    total = sum(clamp(widths[i]) for i in layers)
+    step = opts.latent_groups * (1 if opts.svd == "joint" or nope_dim == 0 else 2)
+    lo = step
+    if opts.rank_allocation == "lorc":
+        from converters.math.rank_allocation import lorc_progressive_ranks
+
+        pairs = []
+        for i in layers:
+            src = source.attention(i)
+            plan = LatentPlan(rope_mode=opts.rope_mode, joint=True, k_rank=0, v_rank=0, groups=opts.latent_groups)
+            if opts.rope_mode == "partial":  # weights only: the pairs a weight-only strategy keeps
+                strategy = opts.rope_strategy if opts.rope_strategy != "2norm" else "high"  # 2norm: a proxy
+                plan.pairs = rs.select_partial_pairs(strategy, dims.head_dim // 2, dims.num_key_value_heads, opts.rope_pairs, None)
+            elif opts.rope_mode == "shared":
+                plan.rope_mode = "full"  # condition numbers of W_k, W_v as a whole
+            wk, wv = _nope_and_value(src, plan, dims)
+            pairs.append((wk, wv) if wk.shape[0] else (wv, wv))
+        res = lorc_progressive_ranks(pairs, d_max=limit, target_avg_rank=total / len(layers), min_rank=lo)
+        ranks = [max(lo, r // step * step) for r in res.ranks]
+    else:
+        from converters.math.rank_allocation import budgeted_ranks
+
+        curves = []
+        h = hidden
+        for i in range(L):
+            src = source.attention(i)
+            if i in layers:
+                stats = calib.attention_stats(source, i, h, src)
+                if opts.calibration_inputs == "original":
+                    cached_stats[i] = stats
+                plan = plan_layer(i, lo, opts, source, stats)
+                wk, wv = _nope_and_value(src, plan, dims)
+                curve = methods.width_error_curve(opts, stats, wk, wv, plan.joint)
+                curves.append(curve[::step].clone())  # width units of `step` values
+            if i + 1 < L and i < max(layers):
+                h = calib.run_layer(calib.source_layer_module(source, i), h)
+        units = budgeted_ranks(curves, total // step, 1, min_rank=1)
+        ranks = [u * step for u in units]
+        left = total - sum(ranks)  # total not a multiple of step: give the rest to the first layer with room
+        for k in range(len(ranks)):
+            room = limit - ranks[k]
+            add = min(room, left)
+            ranks[k] += add
+            left -= add
+    for i, r in zip(layers, ranks):
+        out[i] = r
+    return out
 
 
 def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel):
@@ -267,7 +372,7 @@ def _spec(source: SourceModel, opts: ConvertOptions, layers: list) -> fmt.Latent
     return fmt.LatentKVSpec(
         format_version=fmt.FORMAT_VERSION,
         source=fmt.SourceInfo(architecture=source.architecture, model_type=source.model_type, name=source.dir.name),
-        method=fmt.MethodInfo(name="mha2mla", params=params),
+        method=methods.method_info(opts, params),
         rope_inv_freq=source.inv_freq.tolist(),
         attention_bias=source.attention_bias,
         qk_norm=source.qk_norm,
