@@ -1,0 +1,143 @@
+"""Shared pieces of the latent-model engine tests (tests/vllm/test_latent_*.py).
+
+Engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni executor): one process
+instead of three, which halves the start-up time on two cores.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+TEXT = SHARED / "text" / "tinystories_a.txt"
+BLOCK_SIZE = 16
+KV_BYTES = 4 << 20
+
+
+def make_stories_source(out: Path) -> Path:
+    from converters.importers.llama2c import import_llama2c, packaged_stories260k
+
+    return import_llama2c(*packaged_stories260k(), out)
+
+
+def convert_to(src: Path, out: Path, **opts) -> Path:
+    from converters.convert import ConvertOptions, convert
+
+    calibration_ids = opts.pop("calibration_ids", None)
+    convert(src, out, ConvertOptions(**opts), progress=False, calibration_ids=calibration_ids)
+    return out
+
+
+def make_random_llama(out: Path, family: str = "llama", *, heads: int, kv_heads: int, head_dim: int = 16,
+                      hidden: int = 64, layers: int = 3, vocab: int = 256, seed: int = 0) -> Path:
+    """A random Llama/Qwen2 HF model (Qwen2: q/k/v biases, made non-zero so bias bugs show)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                        max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = model_cls(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "bias" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+            elif "proj" in name:  # larger weights: peakier attention, greedy paths that depend on it
+                p.mul_(4.0)
+    model.save_pretrained(out)
+    return out
+
+
+def reference_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def reference_greedy(model, ids: list[int], n: int) -> list[int]:
+    """The reference model's own generate (latent cache, absorbed decode), greedy."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t >= 1, one full forward."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def text_ids(tokenizer_path: Path, start: int, length: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    ids = tok(TEXT.read_text()[:20000]).input_ids
+    return ids[start:start + length]
+
+
+class Engine:
+    """An in-process vllm.LLM, shut down explicitly (module fixtures own one each)."""
+
+    def __init__(self, model: Path, **kwargs):
+        from vllm import LLM
+
+        args = dict(model=str(model), dtype="float32", max_model_len=256, block_size=BLOCK_SIZE,
+                    kv_cache_memory_bytes=KV_BYTES, seed=0, distributed_executor_backend="uni")
+        args.update(kwargs)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            mp.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+            self.llm = LLM(**args)
+
+    def greedy(self, prompts: list[list[int]], n: int | list[int]) -> list:
+        from vllm import SamplingParams
+
+        ns = n if isinstance(n, list) else [n] * len(prompts)
+        params = [SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True) for k in ns]
+        return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    def prompt_logprobs(self, ids: list[int]) -> torch.Tensor:
+        from vllm import SamplingParams
+
+        out = self.llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                use_tqdm=False)[0]
+        return torch.tensor([d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.llm.llm_engine.vllm_config.cache_config.num_gpu_blocks
+
+    def layer_caches(self) -> dict:
+        """Per attention layer: (impl class, cache dtype, cache shape)."""
+        def probe(model):
+            return {
+                name: (type(m.impl).__name__, str(m.kv_cache.dtype), tuple(m.kv_cache.shape))
+                for name, m in model.named_modules() if hasattr(m, "impl") and hasattr(m, "kv_cache")
+            }
+        return self.llm.apply_model(probe)[0]
+
+    def close(self) -> None:
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            del self.llm
+            gc.collect()
+
+
+def latent_spec(path: Path):
+    from latentkv import format as fmt
+
+    return fmt.load_spec(json.loads((path / "config.json").read_text()))
