@@ -25,7 +25,8 @@ def _slots(num_tokens, num_blocks, block_size, gen):
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("latent_dim,rope_dim", [(48, 8), (32, 0), (64, 4 * 6)])
-def test_latent_cache_write(cache_dtype, input_dtype, block_size, latent_dim, rope_dim):
+@pytest.mark.parametrize("block_t", [1, 8])
+def test_latent_cache_write(cache_dtype, input_dtype, block_size, latent_dim, rope_dim, block_t):
     gen = torch.Generator().manual_seed(1)
     num_tokens, num_blocks = 37, 5
     latent = torch.randn(num_tokens, latent_dim, generator=gen).to(input_dtype)
@@ -33,7 +34,7 @@ def test_latent_cache_write(cache_dtype, input_dtype, block_size, latent_dim, ro
     slots = _slots(num_tokens, num_blocks, block_size, gen)
     cache = torch.randn(num_blocks, block_size, latent_dim + rope_dim, generator=gen).to(cache_dtype)
     expect = cache.clone()
-    latent_cache_write(latent, rope, cache, slots)
+    latent_cache_write(latent, rope, cache, slots, block_t=block_t)
     latent_cache_write_ref(latent, rope, expect, slots)
     # exact: a copy with one cast (round to nearest even); untouched slots keep their old data
     assert torch.equal(cache, expect)
@@ -57,7 +58,8 @@ def test_latent_cache_write_strided_cache():
 @pytest.mark.parametrize("input_dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("latent_dim,rope_dim,group_size", [(64, 8, 32), (48, 8, 16), (128, 0, 64), (96, 2 * 4, 32)])
-def test_latent_cache_write_int4(input_dtype, block_size, latent_dim, rope_dim, group_size):
+@pytest.mark.parametrize("block_t", [1, 4])
+def test_latent_cache_write_int4(input_dtype, block_size, latent_dim, rope_dim, group_size, block_t):
     gen = torch.Generator().manual_seed(3)
     num_tokens, num_blocks = 29, 4
     latent = (torch.randn(num_tokens, latent_dim, generator=gen) * 3).to(input_dtype)
@@ -68,7 +70,7 @@ def test_latent_cache_write_int4(input_dtype, block_size, latent_dim, rope_dim, 
     row_bytes = int4_row_bytes(latent_dim, rope_dim, group_size)
     cache = torch.randint(0, 256, (num_blocks, block_size, row_bytes), generator=gen, dtype=torch.uint8)
     expect = cache.clone()
-    latent_cache_write_int4(latent, rope, cache, slots, group_size)
+    latent_cache_write_int4(latent, rope, cache, slots, group_size, block_t=block_t)
     latent_cache_write_int4_ref(latent, rope, expect, slots, group_size)
     assert torch.equal(cache, expect)  # bit-exact with the torch quantizer and packer
 

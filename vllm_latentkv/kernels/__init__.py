@@ -13,6 +13,11 @@ from .int4_pack import (
     quantize_int4,
     unpack_int4,
 )
+from .latent_decode import (
+    latent_decode_attention,
+    latent_decode_attention_int4,
+    latent_decode_attention_ref,
+)
 from .latent_cache import (
     latent_cache_write,
     latent_cache_write_int4,
@@ -29,6 +34,9 @@ __all__ = [
     "latent_cache_write_int4",
     "latent_cache_write_int4_ref",
     "latent_cache_write_ref",
+    "latent_decode_attention",
+    "latent_decode_attention_int4",
+    "latent_decode_attention_ref",
     "pack_int4",
     "quantize_int4",
     "unpack_int4",
