@@ -1,0 +1,115 @@
+"""Factorisation methods and rank allocation on the real stories260K (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from converters.convert import ConversionError, ConvertOptions, convert
+from latentkv.cli import DATA
+from tests.helpers import load_hf, load_latent
+
+CAL = str(DATA / "text" / "tinystories_a.txt")
+EVAL = DATA / "text" / "tinystories_sample.txt"
+IDS = torch.tensor([[1, 403, 407, 261, 378, 11, 300, 284, 266, 352, 409, 282]])
+
+
+@pytest.fixture(scope="module")
+def stories(tmp_path_factory):
+    from converters.importers.llama2c import import_llama2c, packaged_stories260k
+
+    return import_llama2c(*packaged_stories260k(), tmp_path_factory.mktemp("s") / "stories260K")
+
+
+@pytest.fixture(scope="module")
+def windows(stories):
+    from transformers import AutoTokenizer
+
+    from latentkv.text import load_eval_windows
+
+    return load_eval_windows(EVAL, AutoTokenizer.from_pretrained(stories), 512)
+
+
+def _convert(stories, out, **kw):
+    kw.setdefault("calibration_text", CAL)
+    kw.setdefault("calibration_samples", 16)
+    convert(stories, out, ConvertOptions(**kw), overwrite=True, progress=False)
+    return out
+
+
+def _ppl(model_dir, windows):
+    from latentkv.evaluate import perplexity
+
+    return perplexity(load_latent(model_dir), windows, batch_size=4, progress=False)
+
+
+def test_root_covariance_beats_plain_svd(stories, windows, tmp_path):
+    svd = _ppl(_convert(stories, tmp_path / "svd", rope_mode="full", kv_ratio=0.5, method="svd"), windows)
+    root = _ppl(_convert(stories, tmp_path / "root", rope_mode="full", kv_ratio=0.5, method="activation",
+                         preconditioner="root_covariance"), windows)
+    assert root < svd, (root, svd)
+
+
+FULL_RANK = [
+    dict(method="svd"),
+    *[dict(method="activation", preconditioner=p)
+      for p in ("identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance")],
+    dict(method="latentllm", svd="split"),
+    dict(method="activation", rank_allocation="budgeted"),
+    dict(method="svd", rank_allocation="lorc"),
+]
+
+
+@pytest.mark.parametrize("kw", FULL_RANK, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_every_method_is_exact_at_full_rank(stories, tmp_path, kw):
+    out = _convert(stories, tmp_path / "out", rope_mode="full", kv_ratio=1.0, **kw)
+    diff = (load_latent(out)(IDS).logits - load_hf(stories)(IDS).logits).abs().max().item()
+    assert diff < 1e-4
+    method = json.loads((out / "config.json").read_text())["latent_kv"]["method"]
+    assert method["params"]["method"] == kw["method"]
+
+
+def test_latentllm_partial_values_only_is_exact(stories, tmp_path):
+    # all pairs kept: no NoPE key dims, the latent holds values only (output-aware value latent)
+    out = _convert(stories, tmp_path / "out", rope_mode="partial", rope_pairs=4, kv_ratio=1.0, method="latentllm", svd="split")
+    assert (load_latent(out)(IDS).logits - load_hf(stories)(IDS).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("alloc", ["lorc", "budgeted"])
+def test_allocated_ranks_are_recorded_and_meet_the_budget(stories, tmp_path, alloc):
+    out = _convert(stories, tmp_path / "out", rope_mode="full", kv_ratio=0.375, method="activation", rank_allocation=alloc)
+    layers = json.loads((out / "config.json").read_text())["latent_kv"]["layers"]
+    widths = [layer["latent"]["v_rank"] for layer in layers]  # joint: one latent of v_rank values
+    uniform = round(0.375 * 64)
+    if alloc == "budgeted":
+        assert sum(widths) == 5 * uniform
+        assert len(set(widths)) > 1
+    else:
+        assert sum(widths) <= 5 * uniform
+        assert widths == sorted(widths, reverse=True)  # LoRC: non-increasing with depth
+
+
+def test_methods_need_calibration(stories, tmp_path):
+    assert ConvertOptions(method="activation").needs_calibration()
+    assert ConvertOptions(rank_allocation="budgeted", rope_mode="full").needs_calibration()
+    assert not ConvertOptions(rope_mode="full").needs_calibration()
+    with pytest.raises(ConversionError, match="calibration"):
+        convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, method="activation"), progress=False)
+    with pytest.raises(ConversionError, match="split"):
+        convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, method="latentllm",
+                                                      calibration_text=CAL), progress=False)
+
+
+def test_cli_method_flags(stories, tmp_path):
+    from latentkv.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["convert", str(stories), str(out), "--rope-mode", "full", "--kv-ratio", "0.5", "--method", "activation",
+                 "--preconditioner", "diag_l2", "--damping", "0.05", "--rank-allocation", "budgeted",
+                 "--calibration-text", CAL, "--calibration-samples", "8"]) == 0
+    method = json.loads((out / "config.json").read_text())["latent_kv"]["method"]
+    assert method["name"] == "mha2mla+activation-svd"
+    assert method["params"]["preconditioner"] == "diag_l2" and method["params"]["damping"] == 0.05
+    assert method["params"]["rank_allocation"] == "budgeted"
