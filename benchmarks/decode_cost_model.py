@@ -1,0 +1,152 @@
+"""Bytes read and FLOPs per decoded token and layer for each RoPE mode: which mode is fastest where.
+
+Arithmetic, not a measurement (no GPU here): a roofline with the H100 SXM's HBM bandwidth and
+dense bf16 matmul rate, for a Llama-3.1-8B-shaped layer (H=32, G=8, d_h=128, bf16 cache).
+Per decoded token and layer, with S cached tokens (multiply-add = 2 FLOPs):
+
+    source   bytes = 2 S G d_h e                      flops = 4 S H d_h
+    partial  bytes = S (W + G R_D) e                  flops = 2 S H (W + R_D) + 2 S H W + absorb
+    shared   bytes = S (W + R_D) e                    flops = same as partial with R_D shared
+    full     bytes = S W e                            flops = 2 S G d_h r_k / n_grp   (rebuild keys)
+                                                            + 3 S G d_h (RoPE) + 2 S H d_h + 2 S H r_v + out
+    absorb (per token, not per cached token) = 2 H d_n W + 2 H W d_h; the up-projection weights
+    are read once per decode step and shared by the batch.
+
+time = max(bytes / bandwidth, flops / peak) per sequence, batch B scaling both (the cache is per
+sequence); the speed-up is the source's time over the mode's.
+
+    python benchmarks/decode_cost_model.py   # writes benchmarks/results/decode_cost_model.{md,png}
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HBM_BYTES_PER_S = 3.35e12  # H100 SXM HBM3
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16 tensor cores
+H, G, D_H, ELEM = 32, 8, 128, 2
+CONTEXTS = (1024, 4096, 8192, 16384, 32768)
+BATCHES = (1, 64)
+
+
+@dataclass
+class Mode:
+    label: str
+    kind: str  # source | partial | shared | full
+    latent: int = 0  # W
+    rope: int = 0  # cached rope values per token (G R_D for partial, R_D for shared)
+    q_rope: int = 0  # rope dims per query head
+    nope: int = 0  # d_n
+    k_rank: int = 0
+    v_rank: int = 0
+    groups: int = 1
+
+    def cache_values(self) -> int:
+        return 2 * G * D_H if self.kind == "source" else self.latent + self.rope
+
+    def cache_bytes(self, S: int) -> float:
+        return S * self.cache_values() * ELEM
+
+    def weight_bytes(self) -> float:
+        if self.kind in ("partial", "shared"):
+            return (G * self.nope * self.latent + G * D_H * self.latent) * ELEM
+        if self.kind == "full":
+            return (G * D_H * self.k_rank // self.groups + G * D_H * self.v_rank // self.groups) * ELEM
+        return 0.0
+
+    def flops(self, S: int) -> float:
+        if self.kind == "source":
+            return 4 * S * H * D_H
+        if self.kind in ("partial", "shared"):
+            return 2 * S * H * (self.latent + self.q_rope) + 2 * S * H * self.latent + 2 * H * self.nope * self.latent + 2 * H * self.latent * D_H
+        rebuild = 2 * S * G * D_H * self.k_rank / self.groups + 3 * S * G * D_H
+        return rebuild + 2 * S * H * D_H + 2 * S * H * self.v_rank + 2 * H * self.v_rank * D_H
+
+    def seconds(self, S: int, B: int) -> float:
+        return max((B * self.cache_bytes(S) + self.weight_bytes()) / HBM_BYTES_PER_S, B * self.flops(S) / PEAK_FLOPS)
+
+
+def modes_at(values: int) -> list[Mode]:
+    """Each mode at the same cache size (values per token and layer)."""
+    partial_rope = G * 8  # MHA2MLA's default r = d_h / 16 pairs -> 8 dims per KV head
+    shared_rope = 64  # DeepSeek's 64 shared rope dims
+    half = values // 2
+    return [
+        Mode(f"partial ({values - partial_rope}+{G}x8)", "partial", values - partial_rope, partial_rope, 8, D_H - 8),
+        Mode(f"shared ({values - shared_rope}+64)", "shared", values - shared_rope, shared_rope, shared_rope, D_H),
+        Mode(f"full, 1 latent group ({half}/{half})", "full", values, k_rank=half, v_rank=half, groups=1),
+        Mode(f"full, {G} latent groups ({half}/{half})", "full", values, k_rank=half, v_rank=half, groups=G),
+    ]
+
+
+def table(values: int) -> list[str]:
+    source = Mode("source GQA", "source")
+    lines = [f"### KV cache {values} values/token/layer ({values / source.cache_values():.0%} of the source's {source.cache_values()})", ""]
+    head = "| mode | bytes/token/layer @32K | FLOPs/token/layer @32K | FLOP/byte | " + " | ".join(
+        f"speed-up B={B} S={S // 1024}K" for B in BATCHES for S in (CONTEXTS[0], CONTEXTS[-1])) + " |"
+    lines += [head, "|---" * (4 + 2 * len(BATCHES)) + "|"]
+    for mode in [source, *modes_at(values)]:
+        S = CONTEXTS[-1]
+        cells = [f"{mode.cache_bytes(S) / 1e6:.1f} MB", f"{mode.flops(S) / 1e9:.2f} G", f"{mode.flops(S) / mode.cache_bytes(S):.0f}"]
+        cells += [f"{source.seconds(s, B) / mode.seconds(s, B):.2f}x" for B in BATCHES for s in (CONTEXTS[0], CONTEXTS[-1])]
+        lines.append(f"| {mode.label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def plot(path: Path, values: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    source = Mode("source", "source")
+    fig, axes = plt.subplots(1, len(BATCHES), figsize=(11, 4), sharey=True)
+    for ax, B in zip(axes, BATCHES):
+        for mode in modes_at(values):
+            ax.plot([s / 1024 for s in CONTEXTS], [source.seconds(s, B) / mode.seconds(s, B) for s in CONTEXTS], marker="o", label=mode.label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (K tokens)")
+        ax.set_title(f"batch {B}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("decode attention speed-up vs source (roofline)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"H100 roofline, Llama-3.1-8B layer, cache {values} of {source.cache_values()} values/token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_cost_model.md")
+    args = parser.parse_args()
+    lines = [
+        "# Decode cost per token and layer by RoPE mode (arithmetic, H100 roofline)",
+        "",
+        "Written by `benchmarks/decode_cost_model.py`. Llama-3.1-8B-shaped layer (H=32, G=8, d_h=128), bf16 cache,",
+        f"H100 SXM: {HBM_BYTES_PER_S / 1e12:.2f} TB/s, {PEAK_FLOPS / 1e12:.0f} TFLOP/s dense bf16 (ridge {PEAK_FLOPS / HBM_BYTES_PER_S:.0f} FLOP/byte).",
+        "Speed-up = the source's decode-attention time over the mode's (max of memory and compute time).",
+        "",
+    ]
+    for values in (1024, 512):
+        lines += table(values)
+    plot(args.out.with_suffix(".png"), 512)
+    lines += [
+        f"![speed-up]({args.out.with_suffix('.png').name})",
+        "",
+        "Reading: `partial` and `shared` decode in latent space (absorbed), so they read only the cache and stay",
+        "memory-bound: their speed-up tracks the cache ratio. `full` must rebuild every cached key (2 G d_h r_k / n_grp",
+        "FLOPs per token); with one latent group that is above the ridge point, so at long context it is compute-bound",
+        "and can be slower than the source; grouping the latent per KV head (Palu) cuts the rebuild by G and brings it",
+        "back to memory-bound. Prefer `shared` (64 rope + latent, DeepSeek's layout) for speed, `full` with per-head",
+        "groups when quality needs every RoPE dim.",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
