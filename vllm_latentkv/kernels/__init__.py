@@ -4,6 +4,11 @@ Each kernel sits beside a plain PyTorch reference (`*_ref`) that the tests in te
 compare against. To run them on CPU, set TRITON_INTERPRET=1 before this package is imported.
 """
 
+from .full_rope_decode import (
+    full_rope_decode_attention,
+    full_rope_decode_attention_int4,
+    full_rope_decode_attention_ref,
+)
 from .int4_pack import (
     dequantize_int4,
     int4_pack_rows,
@@ -27,6 +32,9 @@ from .latent_cache import (
 
 __all__ = [
     "dequantize_int4",
+    "full_rope_decode_attention",
+    "full_rope_decode_attention_int4",
+    "full_rope_decode_attention_ref",
     "int4_pack_rows",
     "int4_row_bytes",
     "int4_unpack_rows",

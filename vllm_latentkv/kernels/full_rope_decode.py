@@ -1,0 +1,390 @@
+"""Decode for "full RoPE" latent layers (LoRC / Palu style): keys rebuilt from the latent.
+
+Every key dimension is rotated, so W_uk cannot be absorbed into the query; instead each page's
+keys are rebuilt inside the kernel from the cached key latent and rotated there (Palu, Chang et
+al. 2024, Sec. 3.3 "online reconstruction with fused RoPE"). Values stay absorbed: the kernel
+returns softmax-weighted value latents and the caller applies W_uv.
+
+Symbols
+    B, H, G, D_H   sequences, query heads, KV heads, head dim (even); query head h -> KV head h // (H/G)
+    G_L, r         key-latent groups (Palu's grouped-head low rank; G_L = 1: one joint key
+                   latent, G_L = G: per-head) and their width r = K_LEN / G_L;
+                   KV head g reads group g // (G / G_L)
+    K_LEN, V_LEN   key- and value-latent widths; cache row = [c_k (K_LEN) | c_v (V_LEN)]
+    W_uk           [G, D_H, r]; inv_freq [D_H / 2]; HF half-split rotary layout: dims i and
+                   i + D_H/2 form pair i, angle(t, i) = t * inv_freq[i] (t = token index = position)
+
+    k[t,g]   = RoPE_t(W_uk[g] @ c_k[t, group(g)])                 (Palu eq. 4, LoRC eq. 3)
+    s[b,h,t] = scale * q[b,h] . k[t, g(h)]                          (q already rotated)
+    out[b,h] = sum_t softmax_t(s[b,h,:]) c_v[t];  lse[b,h] = log sum_t exp(s[b,h,t])
+
+Grid (B, G * cdiv(H/G, BLOCK_H), NUM_KV_SPLITS): one program rebuilds the keys of one KV head
+for a tile of BLOCK_N tokens (two [BLOCK_N, r] x [r, D_H/2] dots, one per rotary half, so the
+rotation is elementwise on the two halves) and scores all query heads of that KV head against
+them. Stage 2 is the split merge of `latent_decode`. The cache may be plain float or the INT4
+layout of `int4_pack` with no rope part (rope_dim = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import FLOAT_DTYPES, check_device, check_tensor, dot_dtype, pow2_at_least
+from .int4_pack import int4_row_bytes, int4_row_offsets, int4_unpack_rows
+from .latent_decode import _load_latent_cols, _merge_splits_kernel
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of fp32 angles; reduced to [-pi, pi] first (Cody-Waite, 2 pi = C1 + C2 with
+    C1 exact in 8 bits) so that GPU approximate sin/cos stay accurate at long positions."""
+    C1: tl.constexpr = 6.28125
+    C2: tl.constexpr = 1.9353071795864769e-03  # 2 pi - C1
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)  # nearest multiple of 2 pi
+    r = (angle - k * C1) - k * C2
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _full_rope_decode_stage1_kernel(
+    q_ptr,
+    cache_ptr,  # latent rows (plain: the cache; INT4: uint8 bytes)
+    scale_cache_ptr,  # INT4: fp16 view of the cache (scales); plain: the cache (unused)
+    w_uk_ptr,
+    inv_freq_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    part_acc_ptr,  # [B, H, S, V_LEN] fp32
+    part_lse_ptr,  # [B, H, S] fp32
+    sm_scale,
+    stride_q_b,
+    stride_q_h,
+    stride_c_blk,
+    stride_c_tok,
+    stride_sc_blk,
+    stride_sc_tok,
+    stride_w_g,
+    stride_w_d,
+    stride_bt_b,
+    stride_pa_b,
+    stride_pa_h,
+    stride_pa_s,
+    stride_pl_b,
+    stride_pl_h,
+    HEADS_PER_KV: tl.constexpr,  # H // G
+    HEAD_BLOCKS_PER_KV: tl.constexpr,  # cdiv(H // G, BLOCK_H)
+    KV_PER_KEY_GROUP: tl.constexpr,  # G // G_L
+    GROUP_RANK: tl.constexpr,  # r = K_LEN // G_L
+    V_START: tl.constexpr,  # = K_LEN
+    V_LEN: tl.constexpr,
+    HALF_DIM: tl.constexpr,  # D_H // 2
+    PAGE_SIZE: tl.constexpr,
+    INT4: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    NUM_KV_SPLITS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_KR: tl.constexpr,
+    BLOCK_HD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1) // HEAD_BLOCKS_PER_KV
+    head_block = tl.program_id(1) % HEAD_BLOCKS_PER_KV
+    split = tl.program_id(2)
+    LOG2E: tl.constexpr = 1.4426950408889634
+
+    offs_hh = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # head index within the KV group
+    mask_h = offs_hh < HEADS_PER_KV
+    offs_h = kv_head * HEADS_PER_KV + offs_hh
+    offs_r = tl.arange(0, BLOCK_KR)
+    mask_r = offs_r < GROUP_RANK
+    offs_d = tl.arange(0, BLOCK_HD)
+    mask_d = offs_d < HALF_DIM
+    offs_v = tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V_LEN
+    key_cols = (kv_head // KV_PER_KEY_GROUP) * GROUP_RANK + offs_r  # this head's key-latent group
+
+    # W_uk[g] split into the two rotary halves, as [r, D_H/2] for tile @ W^T
+    w_base = w_uk_ptr + kv_head * stride_w_g + offs_r[:, None] + offs_d[None, :] * stride_w_d
+    w_mask = mask_r[:, None] & mask_d[None, :]
+    w1 = tl.load(w_base, mask=w_mask, other=0.0).to(DOT_DTYPE)  # rows i < D_H/2
+    w2 = tl.load(w_base + HALF_DIM * stride_w_d, mask=w_mask, other=0.0).to(DOT_DTYPE)  # rows i + D_H/2
+    q_base = q_ptr + b * stride_q_b + offs_h[:, None] * stride_q_h + offs_d[None, :]
+    q_mask = mask_h[:, None] & mask_d[None, :]
+    q1 = tl.load(q_base, mask=q_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_H, BLOCK_HD]
+    q2 = tl.load(q_base + HALF_DIM, mask=q_mask, other=0.0).to(DOT_DTYPE)
+    inv_freq = tl.load(inv_freq_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_KV_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    qk_scale = sm_scale * LOG2E
+    e_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)
+
+    for n0 in tl.range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        page = tl.load(block_table_ptr + b * stride_bt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0)
+        page = page.to(tl.int64)
+        row = page * stride_c_blk + (offs_n % PAGE_SIZE) * stride_c_tok
+        srow = page * stride_sc_blk + (offs_n % PAGE_SIZE) * stride_sc_tok
+
+        c_k = _load_latent_cols(
+            cache_ptr, scale_cache_ptr, row, srow, key_cols,
+            mask_n[:, None] & mask_r[None, :], INT4, GROUP_SIZE, SCALE_OFF, DOT_DTYPE,
+        )  # [BLOCK_N, BLOCK_KR]
+        k1 = tl.dot(c_k, w1, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_HD] fp32
+        k2 = tl.dot(c_k, w2, input_precision=DOT_PRECISION)
+        cos, sin = _cos_sin(offs_n.to(tl.float32)[:, None] * inv_freq[None, :])  # angle = t * inv_freq
+        k1r = k1 * cos - k2 * sin  # RoPE, first half:  x1 cos - x2 sin
+        k2r = k2 * cos + k1 * sin  # second half:         x2 cos + x1 sin
+        qk = tl.dot(q1, tl.trans(k1r.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+        qk += tl.dot(q2, tl.trans(k2r.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
+        qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # log2 units
+
+        n_max = tl.maximum(e_max, tl.max(qk, 1))
+        re_scale = tl.exp2(e_max - n_max)
+        p = tl.exp2(qk - n_max[:, None])
+        v = _load_latent_cols(
+            cache_ptr, scale_cache_ptr, row, srow, V_START + offs_v,
+            mask_n[:, None] & mask_v[None, :], INT4, GROUP_SIZE, SCALE_OFF, DOT_DTYPE,
+        )  # [BLOCK_N, BLOCK_V]
+        acc = acc * re_scale[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
+        e_sum = e_sum * re_scale + tl.sum(p, 1)
+        e_max = n_max
+
+    nonempty = e_sum > 0.0
+    acc = acc / tl.where(nonempty, e_sum, 1.0)[:, None]
+    lse = tl.where(nonempty, (e_max + tl.log2(tl.where(nonempty, e_sum, 1.0))) / LOG2E, float("-inf"))
+    tl.store(
+        part_acc_ptr + b * stride_pa_b + offs_h[:, None] * stride_pa_h + split * stride_pa_s
+        + offs_v[None, :],
+        acc,
+        mask=mask_h[:, None] & mask_v[None, :],
+    )
+    tl.store(part_lse_ptr + b * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=mask_h)
+
+
+def _launch_full_rope(
+    q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, latent_dim, key_groups,
+    int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype, latent_dtype,
+):
+    check_tensor("q", q, 3, FLOAT_DTYPES)
+    check_tensor("w_uk", w_uk, 3, FLOAT_DTYPES)
+    check_tensor("inv_freq", inv_freq, 1, FLOAT_DTYPES)
+    check_tensor("block_table", block_table, 2, (torch.int32, torch.int64))
+    check_tensor("seq_lens", seq_lens, 1, (torch.int32, torch.int64))
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads, w_head_dim, rank = w_uk.shape
+    if head_dim % 2 or w_head_dim != head_dim:
+        raise ValueError(f"q head dim ({head_dim}) must be even and equal w_uk.shape[1] ({w_head_dim})")
+    if inv_freq.shape[0] != head_dim // 2:
+        raise ValueError(f"inv_freq must have D_H/2 = {head_dim // 2} entries, got {inv_freq.shape[0]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of w_uk's KV heads ({num_kv_heads})")
+    if key_groups < 1 or num_kv_heads % key_groups:
+        raise ValueError(f"key_groups ({key_groups}) must divide the KV heads ({num_kv_heads})")
+    k_len = key_groups * rank
+    v_len = latent_dim - k_len
+    if v_len <= 0:
+        raise ValueError(f"latent row ({latent_dim}) leaves no value latent after K_LEN = {key_groups} x {rank}")
+    if block_table.shape[0] != bsz or seq_lens.shape[0] != bsz:
+        raise ValueError(f"block_table and seq_lens need B = {bsz} rows")
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    dev = check_device(_full_rope_decode_stage1_kernel, q, cache, w_uk, inv_freq, block_table, seq_lens)
+    out = torch.empty(bsz, num_heads, v_len, dtype=out_dtype, device=dev)
+    lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=dev)
+    if bsz == 0:
+        return out, lse
+    part_acc = torch.empty(bsz, num_heads, num_kv_splits, v_len, dtype=torch.float32, device=dev)
+    part_lse = torch.empty(bsz, num_heads, num_kv_splits, dtype=torch.float32, device=dev)
+    ddtype = dot_dtype(_full_rope_decode_stage1_kernel, q.dtype, latent_dtype, w_uk.dtype)
+    heads_per_kv = num_heads // num_kv_heads
+    block_h = block_h or min(16, pow2_at_least(heads_per_kv))
+    head_blocks = triton.cdiv(heads_per_kv, block_h)
+    grid = (bsz, num_kv_heads * head_blocks, num_kv_splits)
+    _full_rope_decode_stage1_kernel[grid](
+        q,
+        cache,
+        scale_cache,
+        w_uk,
+        inv_freq,
+        block_table,
+        seq_lens,
+        part_acc,
+        part_lse,
+        float(scale),
+        q.stride(0),
+        q.stride(1),
+        cache.stride(0),
+        cache.stride(1),
+        scale_cache.stride(0),
+        scale_cache.stride(1),
+        w_uk.stride(0),
+        w_uk.stride(1),
+        block_table.stride(0),
+        part_acc.stride(0),
+        part_acc.stride(1),
+        part_acc.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        HEADS_PER_KV=heads_per_kv,
+        HEAD_BLOCKS_PER_KV=head_blocks,
+        KV_PER_KEY_GROUP=num_kv_heads // key_groups,
+        GROUP_RANK=rank,
+        V_START=k_len,
+        V_LEN=v_len,
+        HALF_DIM=head_dim // 2,
+        PAGE_SIZE=cache.shape[1],
+        INT4=int4,
+        GROUP_SIZE=group_size,
+        SCALE_OFF=scale_off,
+        NUM_KV_SPLITS=num_kv_splits,
+        BLOCK_H=block_h,
+        BLOCK_N=block_n,
+        BLOCK_KR=pow2_at_least(rank),
+        BLOCK_HD=pow2_at_least(head_dim // 2),
+        BLOCK_V=pow2_at_least(v_len),
+        DOT_DTYPE=ddtype,
+        DOT_PRECISION="ieee" if ddtype == tl.float32 else "tf32",
+    )
+    _merge_splits_kernel[(bsz, num_heads)](
+        part_acc,
+        part_lse,
+        out,
+        lse,
+        part_acc.stride(0),
+        part_acc.stride(1),
+        part_acc.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        V_LEN=v_len,
+        NUM_KV_SPLITS=num_kv_splits,
+        BLOCK_S=pow2_at_least(num_kv_splits, 1),
+        BLOCK_V=pow2_at_least(v_len),
+    )
+    return out, lse
+
+
+def full_rope_decode_attention(
+    q: torch.Tensor,  # [B, H, D_H] rotated
+    kv_cache: torch.Tensor,  # [num_blocks, block_size, K_LEN + V_LEN] = [c_k | c_v]
+    w_uk: torch.Tensor,  # [G, D_H, K_LEN / G_L]
+    inv_freq: torch.Tensor,  # [D_H / 2] fp32
+    block_table: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    *,
+    key_groups: int = 1,  # G_L
+    num_kv_splits: int = 8,
+    block_n: int = 32,
+    block_h: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-RoPE latent decode (keys rebuilt from c_k with RoPE fused) over the plain cache.
+    Returns (out [B, H, V_LEN] (softmax-weighted value latents), lse [B, H] fp32)."""
+    check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
+    return _launch_full_rope(
+        q, kv_cache, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale,
+        latent_dim=kv_cache.shape[2], key_groups=key_groups, int4=False, group_size=1, scale_off=0,
+        num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
+        out_dtype=out_dtype or q.dtype, latent_dtype=kv_cache.dtype,
+    )
+
+
+def full_rope_decode_attention_int4(
+    q: torch.Tensor,  # [B, H, D_H] rotated
+    kv_cache: torch.Tensor,  # uint8 [num_blocks, block_size, int4_row_bytes(K_LEN + V_LEN, 0, G)]
+    w_uk: torch.Tensor,  # [G, D_H, K_LEN / G_L]
+    inv_freq: torch.Tensor,  # [D_H / 2]
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    latent_dim: int,  # K_LEN + V_LEN
+    group_size: int,
+    key_groups: int = 1,
+    num_kv_splits: int = 8,
+    block_n: int = 32,
+    block_h: int | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """full_rope_decode_attention over the INT4 cache (int4_pack layout with rope_dim = 0, as
+    written by latent_cache_write_int4 with an empty rope tensor)."""
+    check_tensor("kv_cache", kv_cache, 3, (torch.uint8,))
+    row_bytes = int4_row_bytes(latent_dim, 0, group_size)
+    if kv_cache.shape[2] != row_bytes:
+        raise ValueError(
+            f"INT4 kv_cache row is {kv_cache.shape[2]} bytes, expected {row_bytes} for "
+            f"W={latent_dim}, group_size={group_size}"
+        )
+    if kv_cache.stride(0) % 2 or kv_cache.stride(1) % 2:
+        raise ValueError(f"INT4 kv_cache strides must be even (fp16 view), got {kv_cache.stride()}")
+    scale_off, _ = int4_row_offsets(latent_dim, group_size)
+    return _launch_full_rope(
+        q, kv_cache, kv_cache.view(torch.float16), w_uk, inv_freq, block_table, seq_lens, scale,
+        latent_dim=latent_dim, key_groups=key_groups, int4=True, group_size=group_size,
+        scale_off=scale_off, num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
+        out_dtype=out_dtype or q.dtype, latent_dtype=q.dtype,
+    )
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def rotate_half_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """HF Llama RoPE: x [n, ..., D] at positions [n] -> x cos + rotate_half(x) sin (fp32)."""
+    freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [n, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    cos, sin = emb.cos().view(shape), emb.sin().view(shape)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def full_rope_decode_attention_ref(
+    q, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, key_groups=1, latent_dim=None,
+    group_size=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch reference: rebuild every key, rotate, GQA attention over value latents.
+    For an INT4 (uint8) cache pass latent_dim and group_size."""
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads, _, rank = w_uk.shape
+    page = kv_cache.shape[1]
+    if kv_cache.dtype == torch.uint8:
+        lat_all, _ = int4_unpack_rows(kv_cache, latent_dim, 0, group_size)
+    else:
+        lat_all = kv_cache
+    k_len = key_groups * rank
+    v_len = lat_all.shape[-1] - k_len
+    kv_of_head = torch.arange(num_heads) // (num_heads // num_kv_heads)
+    group_of_kv = torch.arange(num_kv_heads) // (num_kv_heads // key_groups)
+    out = torch.zeros(bsz, num_heads, v_len)
+    lse = torch.full((bsz, num_heads), float("-inf"))
+    for b in range(bsz):
+        n = int(seq_lens[b])
+        if n == 0:
+            continue
+        t = torch.arange(n)
+        lat = lat_all[block_table[b, t // page].long().cpu(), t % page].float().cpu()  # [n, W]
+        c_k = lat[:, :k_len].view(n, key_groups, rank)[:, group_of_kv]  # [n, G, r]
+        keys = torch.einsum("gdr,ngr->ngd", w_uk.float().cpu(), c_k)  # k = W_uk[g] c_k[t, group(g)]
+        keys = rotate_half_rope(keys, t, inv_freq.cpu())  # [n, G, D_H]
+        s = torch.einsum("hd,nhd->hn", q[b].float().cpu(), keys[:, kv_of_head]) * scale
+        lse[b] = torch.logsumexp(s, dim=-1)
+        out[b] = torch.softmax(s, dim=-1) @ lat[:, k_len:]
+    return out, lse
