@@ -120,18 +120,12 @@ class TensorReader:
         return list(self.files)
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        if name not in self.files:
-            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        t = self._handles[path].get_tensor(name)
+        t = self._handle(name).get_tensor(name)
         return t if dtype is None else t.to(dtype)
 
-    def dtype(self, name: str) -> torch.dtype:
-        return self._handles_for(name).get_slice(name).get_dtype()
-
-    def _handles_for(self, name: str):
+    def _handle(self, name: str):
+        if name not in self.files:
+            raise CheckpointError(f"tensor {name} is missing from the checkpoint")
         path = self.files[name]
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
