@@ -46,8 +46,10 @@ EXACT_SETTINGS = [
 @pytest.mark.parametrize("setting", EXACT_SETTINGS, ids=lambda s: f"{s['rope_mode']}-{s.get('svd', 'joint')}")
 def test_full_rank_conversion_equals_source(sources, name, setting, tmp_path):
     if setting["rope_mode"] == "shared":
-        if name.startswith("qwen3"):
-            pytest.skip("shared RoPE rejects q/k-norm sources (tested in test_cli_errors)")
+        if name.startswith("qwen3"):  # per-head norms do not commute with mixing heads
+            with pytest.raises(ValueError, match="shared RoPE cannot represent q/k-norm sources"):
+                _convert(sources[name], tmp_path, **setting)
+            return
         setting = dict(setting, rope_pairs=8 * (4 if name == "llama-mha" else 2))
     out = _convert(sources[name], tmp_path, **setting)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
