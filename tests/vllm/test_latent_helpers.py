@@ -6,6 +6,7 @@ instead of three, which halves the start-up time on two cores.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 from pathlib import Path
@@ -80,12 +81,17 @@ def reference_logprobs(model, ids: list[int]) -> torch.Tensor:
     return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def text_ids(tokenizer_path: Path, start: int, length: int) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def _text_ids(tokenizer_path: str) -> tuple[int, ...]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    ids = tok(TEXT.read_text()[:20000]).input_ids
-    return ids[start:start + length]
+    return tuple(tok(TEXT.read_text()[:20000]).input_ids)
+
+
+def text_ids(tokenizer_path: Path, start: int, length: int) -> list[int]:
+    """Token ids of TinyStories text (tokenized once per tokenizer)."""
+    return list(_text_ids(str(tokenizer_path))[start:start + length])
 
 
 class Engine:
@@ -141,3 +147,45 @@ def latent_spec(path: Path):
     from latentkv import format as fmt
 
     return fmt.load_spec(json.loads((path / "config.json").read_text()))
+
+
+class emulated_int4_cache:
+    """Context manager: the reference model's cache stores what the INT4 cache stores.
+
+    Latents are quantized and dequantized with the kernels' quantizer (``int4_pack``), rope
+    keys rounded to fp16, at the moment they are cached; attention then reads them back as
+    the engine does. Use with ``use_cache=True`` forwards / ``generate``.
+    """
+
+    def __init__(self, group_size: int):
+        self.group_size = group_size
+
+    def __enter__(self):
+        from latentkv import modeling
+        from vllm_latentkv.kernels.int4_pack import dequantize_int4, quantize_int4
+
+        self._orig = orig = modeling._LayerEntries.append
+        g = self.group_size
+
+        def append(layer, positions, **new):
+            if "latent" in new:
+                q, s = quantize_int4(new["latent"], g)
+                new["latent"] = dequantize_int4(q, s, g).to(new["latent"].dtype)
+            if "rope" in new:
+                new["rope"] = new["rope"].to(torch.float16).to(new["rope"].dtype)
+            return orig(layer, positions, **new)
+
+        modeling._LayerEntries.append = append
+        return self
+
+    def __exit__(self, *exc):
+        from latentkv import modeling
+
+        modeling._LayerEntries.append = self._orig
+
+
+def reference_logprobs_cached(model, ids: list[int]) -> torch.Tensor:
+    """reference_logprobs through the model's latent cache (so cache emulation applies)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), use_cache=True).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]

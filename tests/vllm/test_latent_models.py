@@ -1,0 +1,101 @@
+"""Random Llama-family models converted in each RoPE mode, in the engine vs the reference model.
+
+* GQA (Qwen2 with q/k/v biases, 8 query / 2 KV heads): partial RoPE, per-layer ranks, two Palu
+  latent groups, and layer 1 kept as a ``source`` layer (vLLM's Attention beside latent layers);
+* MHA (Llama, 4/4 heads): full RoPE (cache = latent only, keys rebuilt), split latent,
+  per-layer ranks;
+* GQA (Llama, 4/2 heads): shared RoPE (one rope head), calibrated on random token ids.
+
+Each: greedy continuations and teacher-forced prompt logprobs through the engine == reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from latentkv import format as fmt  # noqa: E402
+from test_latent_helpers import (  # noqa: E402
+    Engine,
+    convert_to,
+    latent_spec,
+    make_random_llama,
+    reference_greedy,
+    reference_logprobs,
+    reference_model,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+N_NEW = 16
+VOCAB = 256
+
+CASES = {
+    "gqa_partial": (
+        dict(family="qwen2", heads=8, kv_heads=2, head_dim=16, layers=3),
+        dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[24, 32, 16],
+             latent_groups=2, keep_layers=[1]),
+    ),
+    "mha_full": (
+        dict(family="llama", heads=4, kv_heads=4, head_dim=16, layers=3),
+        dict(rope_mode="full", svd="split", ranks=[64, 48, 96]),
+    ),
+    "gqa_shared": (
+        dict(family="llama", heads=4, kv_heads=2, head_dim=16, layers=2),
+        dict(rope_mode="shared", rope_pairs=4, svd="joint", ranks=[32, 24]),
+    ),
+}
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 40, 70)]
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory):
+    name = request.param
+    model_args, opts = CASES[name]
+    tmp = tmp_path_factory.mktemp(name)
+    src = make_random_llama(tmp / "src", vocab=VOCAB, **model_args)
+    if opts["rope_mode"] == "shared":
+        opts = {**opts, "calibration_ids": torch.randint(3, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))}
+    latent = convert_to(src, tmp / "latent", **opts)
+    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True)
+    yield name, latent, reference_model(latent), engine
+    engine.close()
+
+
+def test_checkpoint_is_what_the_case_says(case):
+    name, latent, _, engine = case
+    spec, dims = latent_spec(latent)
+    kinds = [layer.kind for layer in spec.layers]
+    widths = [layer.latent.width for layer in spec.layers if isinstance(layer, fmt.LatentLayer)]
+    assert len(set(widths)) == len(widths), f"per-layer ranks expected, got {widths}"
+    caches = engine.layer_caches()
+    latent_caches = [shape[-1] for impl, _, shape in caches.values() if impl == "LatentKVAttentionImpl"]
+    assert latent_caches == [fmt.cache_values_per_token(layer, spec, dims) for layer in spec.layers if layer.kind == "latent"]
+    if name == "gqa_partial":
+        assert kinds == ["latent", "source", "latent"] and spec.attention_bias
+        assert spec.layers[0].latent.groups == 2
+    if name == "mha_full":
+        assert all(layer.rope_mode == "full" and not layer.latent.joint for layer in spec.layers)
+        assert latent_caches == widths  # latent only, no rope keys
+    if name == "gqa_shared":
+        assert all(layer.rope_mode == "shared" and layer.num_rope_heads == 1 for layer in spec.layers)
+
+
+def test_greedy_matches_reference(case):
+    _, _, ref, engine = case
+    prompts = _prompts()
+    outs = engine.greedy(prompts, N_NEW)
+    for p, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, N_NEW), len(p)
+
+
+def test_prompt_logprobs_match_reference(case):
+    _, _, ref, engine = case
+    ids = _prompts()[-1]
+    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
