@@ -158,7 +158,9 @@ def test_int4_engine_equals_reference_with_emulated_int4_cache(engine_int4, path
     with emulated_int4_cache(INT4_GROUP):
         want = reference_logprobs_cached(ref, ids)
         greedy = {n: reference_greedy(ref, p, N_NEW) for n, p in prompts.items()}
-    torch.testing.assert_close(engine_int4.prompt_logprobs(ids), want, atol=1e-3, rtol=1e-4)
+    diff = (engine_int4.prompt_logprobs(ids) - want).abs()
+    # a latent value on a rounding boundary of the quantizer may land on the other level
+    assert diff.max() < 1e-2 and diff.mean() < 1e-4, (diff.max(), diff.mean())
     outs = engine_int4.greedy(list(prompts.values()), N_NEW)
     same = sum(a == b for n, o in zip(prompts, outs) for a, b in zip(o.outputs[0].token_ids, greedy[n]))
     assert same >= 0.9 * N_NEW * len(prompts)  # rounding ties of the quantizer may flip a token
