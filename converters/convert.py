@@ -24,6 +24,7 @@ from tqdm import tqdm
 from converters import calibration as calib
 from converters import methods
 from converters.importers.hf import SourceModel
+from converters.transkv_layer import build_reduced_layer, kv_head_autocorrelation
 from converters.latent_attention import LatentPlan, build_latent_layer, source_layer_tensors
 from converters.math import rope_selection as rs
 from latentkv import checkpoint as ckpt
@@ -45,7 +46,8 @@ class ConvertOptions:
     kv_ratio: float | None = None  # target cache size / source cache size
     latent_groups: int = 1  # Palu-style grouped-head latents
     keep_layers: list[int] = field(default_factory=list)  # left uncompressed
-    method: Literal["svd", "activation", "latentllm"] = "svd"  # see converters.methods
+    method: Literal["svd", "activation", "latentllm", "transkv"] = "svd"  # see converters.methods
+    transkv_scale: Literal["original", "reduced"] = "original"  # transkv softmax scale: 1/sqrt(d_h) or 1/sqrt(r_k)
     preconditioner: str = "root_covariance"  # method activation: LatentLLM Table 1 kind
     damping: float = 0.01  # relative damping of the activation statistics (activation, latentllm)
     rank_allocation: Literal["uniform", "lorc", "budgeted"] = "uniform"  # per-layer widths from kv_ratio / rank
@@ -72,6 +74,8 @@ class ConversionError(ValueError):
 def rope_values(opts: ConvertOptions, dims: fmt.ModelDims, qk_norm: bool) -> int:
     """Cached values per token spent on rope keys (and key scales) in one layer."""
     G = dims.num_key_value_heads
+    if opts.method == "transkv":
+        return 0  # reduced heads keep full RoPE at run time and cache G (r_k + r_v) values
     if opts.rope_mode == "partial":
         nope = dims.head_dim - 2 * opts.rope_pairs
         return G * 2 * opts.rope_pairs + (G if qk_norm and nope else 0)
@@ -154,6 +158,8 @@ def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool
         raise ConversionError(f"method {opts.method!r}: choose one of {', '.join(methods.METHODS)}")
     if opts.method == "activation" and opts.preconditioner not in methods.PRECONDITIONERS:
         raise ConversionError(f"preconditioner {opts.preconditioner!r}: choose one of {', '.join(methods.PRECONDITIONERS)}")
+    if opts.method == "transkv" and opts.rank_allocation != "uniform":
+        raise ConversionError("method transkv uses one head width for every layer: use --rank-allocation uniform")
     if opts.method == "latentllm" and opts.svd != "split":
         raise ConversionError("method latentllm builds separate key and value latents: use --svd split")
     if opts.damping < 0:
@@ -270,6 +276,10 @@ def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel,
     dims = source.dims
     if i in opts.keep_layers:
         return fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(dims.head_dim)), source_layer_tensors(src)
+    if opts.method == "transkv":
+        per_head = width // (2 * dims.num_key_value_heads)  # cache width G (r_k + r_v), r_k = r_v
+        Ck, Cv = kv_head_autocorrelation(source, i, hidden, src)
+        return build_reduced_layer(src, Ck, Cv, per_head, per_head, dims, opts.transkv_scale)
     if stats is None and hidden is not None:
         stats = calib.attention_stats(source, i, hidden, src)
     plan = plan_layer(i, width, opts, source, stats)

@@ -33,10 +33,10 @@ if TYPE_CHECKING:
     from converters.calibration import AttentionStats
     from converters.importers.hf import AttentionWeights
 
-METHODS = ("svd", "activation", "latentllm")
+METHODS = ("svd", "activation", "latentllm", "transkv")
 PRECONDITIONERS = ("identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance")
 RANK_ALLOCATIONS = ("uniform", "lorc", "budgeted")
-METHOD_NAMES = {"svd": "mha2mla", "activation": "mha2mla+activation-svd", "latentllm": "mha2mla+latentllm"}
+METHOD_NAMES = {"svd": "mha2mla", "activation": "mha2mla+activation-svd", "latentllm": "mha2mla+latentllm", "transkv": "transkv"}
 
 
 def _precond(kind: str, stats: "AttentionStats", damping: float):

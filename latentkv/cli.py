@@ -48,10 +48,13 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--latent-groups", type=int, default=1, help="Palu-style grouped-head latents (default: %(default)s)")
     g.add_argument("--keep-layers", type=_int_list, default=[], help="layers left uncompressed, e.g. 0,1")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["svd", "activation", "latentllm"], default="svd",
+    g.add_argument("--method", choices=["svd", "activation", "latentllm", "transkv"], default="svd",
                    help="svd: plain SVD (MHA2MLA); activation: SVD of W P with an activation pre-conditioner (LatentLLM "
                         "Table 1); latentllm: attention-aware key latent (joint Q/K) + output-aware value latent "
-                        "(joint V/O), needs --svd split. Methods other than svd need calibration text (default: %(default)s)")
+                        "(joint V/O), needs --svd split; transkv: narrower per-head K/V from projections of rotated keys "
+                        "and values (ignores --rope-mode). Methods other than svd need calibration text (default: %(default)s)")
+    g.add_argument("--transkv-scale", choices=["original", "reduced"], default="original",
+                   help="transkv softmax scale: original 1/sqrt(head_dim) or 1/sqrt(r_k) (default: %(default)s)")
     g.add_argument("--preconditioner", default="root_covariance",
                    choices=["identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance"],
                    help="--method activation: the pre-conditioner P (default: %(default)s)")
@@ -81,7 +84,7 @@ def options_from_args(args: argparse.Namespace):
     return ConvertOptions(
         rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
         rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups,
-        keep_layers=args.keep_layers, method=args.method, preconditioner=args.preconditioner, damping=args.damping,
+        keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, preconditioner=args.preconditioner, damping=args.damping,
         rank_allocation=args.rank_allocation, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
         calibration_seed=args.seed, calibration_inputs=args.calibration_inputs, dtype=args.dtype,
