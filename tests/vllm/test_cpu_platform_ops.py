@@ -165,3 +165,18 @@ def test_fused_gumbel_argmax_samples_softmax_and_is_seeded():
     assert torch.equal(draws, torch.ops._C.fused_gumbel_argmax(logits, seeds))
     # a row's draw depends on its own seed only, not on the rest of the batch
     assert int(torch.ops._C.fused_gumbel_argmax(logits[:1], seeds[7:8])) == int(draws[7])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_weight_packed_linear_is_linear_with_fp32_bias(dtype):
+    # vLLM's AMX GEMM path (bf16/fp16 layers): pack once, then out = x @ W^T + b.
+    ops.register_cpu_ops()
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(24, 40, generator=gen).to(dtype)
+    x = torch.randn(5, 40, generator=gen).to(dtype)
+    bias = torch.randn(24, generator=gen)  # vLLM hands the bias over as float32
+    packed = torch.ops._C.convert_weight_packed(weight)
+    out = torch.empty(5, 24, dtype=dtype)
+    torch.ops._C.weight_packed_linear(out, x, packed, bias, True)
+    ref = x.double() @ weight.double().t() + bias.double()
+    torch.testing.assert_close(out, ref.to(dtype))

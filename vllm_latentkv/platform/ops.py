@@ -12,6 +12,9 @@ op / kernel                            caller (vLLM 0.32.0)
                                        ``utils/cpu_triton_utils.py``
 ``_C::greedy_argmax``                  ``v1/sample/sampler.py`` (temperature 0)
 ``_C::fused_gumbel_argmax``            ``v1/sample/ops/topk_topp_sampler.py``
+``_C::convert_weight_packed``,         ``model_executor/layers/utils.py``
+``_C::weight_packed_linear``           (``dispatch_cpu_unquantized_gemm``: bf16/fp16
+                                       linear layers, on hosts with AMX only)
 ``ComputeSlotMappingKernel.kernel``    ``v1/worker/block_table.py`` (Triton kernel,
                                        replaced through ``register_kernels``)
 =====================================  =============================================
@@ -34,6 +37,12 @@ _SCHEMAS = {
     ),
     "greedy_argmax": "greedy_argmax(Tensor logits) -> Tensor",
     "fused_gumbel_argmax": "fused_gumbel_argmax(Tensor logits, Tensor seeds) -> Tensor",
+    "convert_weight_packed": "convert_weight_packed(Tensor weight) -> Tensor",
+    # vLLM 0.32 calls it with the output first (vllm/_custom_ops.py).
+    "weight_packed_linear": (
+        "weight_packed_linear(Tensor(a!) out, Tensor mat1, Tensor mat2, Tensor? bias, "
+        "bool is_vnni) -> ()"
+    ),
 }
 
 
@@ -133,11 +142,34 @@ def fused_gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor) -> torch.Tens
     return out
 
 
+def convert_weight_packed(weight: torch.Tensor) -> torch.Tensor:
+    # The C++ op repacks [N, K] into AMX tiles; the "packed" format here is the
+    # plain weight, which weight_packed_linear below expects.
+    return weight.clone()
+
+
+def weight_packed_linear(
+    out: torch.Tensor,  # [M, N]
+    mat1: torch.Tensor,  # [M, K]
+    mat2: torch.Tensor,  # [N, K], from convert_weight_packed
+    bias: torch.Tensor | None,  # [N]; vLLM casts it to float32 for this op
+    is_vnni: bool,
+) -> None:
+    del is_vnni
+    # out = mat1 @ mat2^T + bias, accumulated in float32 like the AMX kernel
+    result = mat1.float() @ mat2.float().t()
+    if bias is not None:
+        result += bias.float()
+    out.copy_(result)
+
+
 _IMPLS = {
     "init_cpu_memory_env": init_cpu_memory_env,
     "compute_slot_mapping_kernel_impl": compute_slot_mapping_kernel_impl,
     "greedy_argmax": greedy_argmax,
     "fused_gumbel_argmax": fused_gumbel_argmax,
+    "convert_weight_packed": convert_weight_packed,
+    "weight_packed_linear": weight_packed_linear,
 }
 
 
