@@ -90,6 +90,9 @@ def test_paged_attention_sliding_window_and_soft_cap():
     gen = torch.Generator().manual_seed(7)
     seq_lens, q_lens = [50, 23], [13, 23]
     kv_cache, block_table, qsl, keys, values = make_paged_batch(seq_lens, q_lens, 2, 16, 8, gen)
+    # Request 0's queries see positions >= 37 - 9 + 1 = 29, in blocks >= 3. Blocks
+    # 0-2 may have been freed and reused (sliding-window groups): poison them.
+    kv_cache[block_table[0, :3].long()] = float("nan")
     query = torch.randn(qsl[-1], 4, 16, generator=gen) * 4  # large logits: cap matters
     output = torch.empty_like(query)
     paged_attention.paged_attention(

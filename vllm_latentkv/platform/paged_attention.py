@@ -58,18 +58,19 @@ def write_kv(
 
 
 def gather_kv(
-    kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+    kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int, first_block: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one request's first ``seq_len`` tokens back: two [Hkv, seq_len, D]."""
+    """Read one request's tokens [first_block * BS, seq_len) back: two [Hkv, S', D]."""
     key_cache, value_cache = split_kv_cache(kv_cache)
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
-    ids = block_ids[:num_blocks].to(torch.int64)
+    ids = block_ids[first_block:num_blocks].to(torch.int64)
+    length = seq_len - first_block * block_size
 
     def gather(cache: torch.Tensor) -> torch.Tensor:
-        # [nb, Hkv, BS, D] -> [Hkv, nb * BS, D] -> [Hkv, seq_len, D]
+        # [nb, Hkv, BS, D] -> [Hkv, nb * BS, D] -> [Hkv, S', D]
         pages = cache[ids].transpose(0, 1)
-        return pages.reshape(pages.shape[0], -1, pages.shape[-1])[:, :seq_len]
+        return pages.reshape(pages.shape[0], -1, pages.shape[-1])[:, :length]
 
     return gather(key_cache), gather(value_cache)
 
@@ -82,23 +83,26 @@ def attend(
     causal: bool = True,
     sliding_window: int | None = None,
     logits_soft_cap: float | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
-    """One request. query [Lq, H, D]; key, value [Hkv, S, D]. Returns fp32 [Lq, H, D].
+    """One request. query [Lq, H, D]; key, value [Hkv, S', D]. Returns fp32 [Lq, H, D].
 
-    The queries are the last Lq of the S positions.
+    The queries are the last Lq of seq_len positions (default S'); the keys are
+    the last S' of them.
     """
     q_len, num_heads, head_size = query.shape
-    num_kv_heads, seq_len, _ = key.shape
+    num_kv_heads, num_keys, _ = key.shape
+    seq_len = num_keys if seq_len is None else seq_len
     group = num_heads // num_kv_heads
     # [Lq, H, D] -> [Hkv, G, Lq, D]: query head h uses KV head h // G.
     q = query.float().view(q_len, num_kv_heads, group, head_size).permute(1, 2, 0, 3)
-    k, v = key.float().unsqueeze(1), value.float().unsqueeze(1)  # [Hkv, 1, S, D]
-    scores = (q @ k.transpose(-1, -2)) * scale  # [Hkv, G, Lq, S]
+    k, v = key.float().unsqueeze(1), value.float().unsqueeze(1)  # [Hkv, 1, S', D]
+    scores = (q @ k.transpose(-1, -2)) * scale  # [Hkv, G, Lq, S']
     if logits_soft_cap:
         scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
     q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)  # [Lq, 1]
-    k_pos = torch.arange(seq_len).unsqueeze(0)  # [1, S]
-    allowed = torch.ones(q_len, seq_len, dtype=torch.bool)
+    k_pos = torch.arange(seq_len - num_keys, seq_len).unsqueeze(0)  # [1, S']
+    allowed = torch.ones(q_len, num_keys, dtype=torch.bool)
     if causal:
         allowed &= k_pos <= q_pos
     if sliding_window is not None and sliding_window > 0:
@@ -129,10 +133,16 @@ def paged_attention(
         start, end = query_start_loc[r], query_start_loc[r + 1]
         if end == start:
             continue
-        key, value = gather_kv(kv_cache, block_table[r], seq_len)
+        first_block = 0
+        if sliding_window is not None and sliding_window > 0:
+            # Blocks wholly outside every query's window may already be freed
+            # (sliding-window KV groups): do not read them.
+            first_key = max(0, seq_len - (end - start) - sliding_window + 1)
+            first_block = first_key // kv_cache.shape[2]
+        key, value = gather_kv(kv_cache, block_table[r], seq_len, first_block)
         out = attend(
             query[start:end], key, value, scale, causal, sliding_window,
-            logits_soft_cap,
+            logits_soft_cap, seq_len,
         )
         output[start:end] = out.to(output.dtype)
     return output
