@@ -119,10 +119,9 @@ def test_int4_decode_after_triton_write():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("rope_heads", [1, 2])
-@pytest.mark.parametrize("layout,group_size", [("joint", 32), ("split", 16)])
-def test_int4_decode_matches_reference(dtype, block_size, rope_heads, layout, group_size):
+@pytest.mark.parametrize("layout,group_size,block_size", [("joint", 32, 16), ("split", 16, 32)])
+def test_int4_decode_matches_reference(dtype, rope_heads, layout, group_size, block_size):
     """INT4 kernel == attention over the torch-dequantized cache (same quantizer, bit-exact cache:
     see test_latent_cache_write_int4); differences are only summation order, tolerances as above."""
     gen = torch.Generator().manual_seed(13)

@@ -52,3 +52,12 @@ def dot_dtype(kernel, *dtypes: torch.dtype):
     if torch.bfloat16 in dtypes:
         return tl.bfloat16
     return tl.float16
+
+
+def check_blocks(num_kv_splits: int, block_n: int, block_h: int | None) -> None:
+    """Tile sizes of the decode kernels: powers of two >= 16 (tl.dot's minimum on GPUs)."""
+    if num_kv_splits < 1:
+        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    for name, v in (("block_n", block_n), ("block_h", block_h)):
+        if v is not None and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPES, check_device, check_tensor, dot_dtype, pow2_at_least
+from ._launch import FLOAT_DTYPES, check_blocks, check_device, check_tensor, dot_dtype, pow2_at_least
 from .int4_pack import int4_row_bytes, int4_row_offsets, int4_unpack_rows
 from .latent_decode import _load_latent_cols, _merge_splits_kernel
 
@@ -200,8 +200,7 @@ def _launch_full_rope(
         raise ValueError(f"latent row ({latent_dim}) leaves no value latent after K_LEN = {key_groups} x {rank}")
     if block_table.shape[0] != bsz or seq_lens.shape[0] != bsz:
         raise ValueError(f"block_table and seq_lens need B = {bsz} rows")
-    if num_kv_splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    check_blocks(num_kv_splits, block_n, block_h)
     dev = check_device(_full_rope_decode_stage1_kernel, q, cache, w_uk, inv_freq, block_table, seq_lens)
     out = torch.empty(bsz, num_heads, v_len, dtype=out_dtype, device=dev)
     lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=dev)

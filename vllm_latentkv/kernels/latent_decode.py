@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPES, check_device, check_tensor, dot_dtype, pow2_at_least
+from ._launch import FLOAT_DTYPES, check_blocks, check_device, check_tensor, dot_dtype, pow2_at_least
 from .int4_pack import int4_row_bytes, int4_row_offsets, int4_unpack_rows
 
 
@@ -224,8 +224,8 @@ def _merge_splits_kernel(
     lse_s = tl.load(lse_base + offs_s, mask=offs_s < NUM_KV_SPLITS, other=float("-inf"))
     m = tl.max(lse_s, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0)
+    total = tl.sum(tl.exp(lse_s - m), 0)  # sum_s exp(lse_s - m); empty splits add 0
     acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-    total = 0.0
     for s in range(NUM_KV_SPLITS):
         w = tl.exp(tl.load(lse_base + s) - m)  # weight of split s: exp(lse_s - max lse)
         a = tl.load(
@@ -234,7 +234,6 @@ def _merge_splits_kernel(
             other=0.0,
         )
         acc += w * a
-        total += w
     out = acc / tl.where(total > 0.0, total, 1.0)
     lse = tl.where(total > 0.0, m + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
     tl.store(out_ptr + b * stride_o_b + h * stride_o_h + offs_v, out.to(out_ptr.dtype.element_ty), mask=mask_v)
@@ -276,8 +275,7 @@ def _launch_decode(
     bsz, num_heads, k_len = q_latent.shape
     rope_head_dim = q_rope.shape[2]
     (k_start, k_len), (v_start, v_len) = _resolve_ranges(k_range, v_range, latent_dim, k_len)
-    if num_kv_splits < 1:
-        raise ValueError(f"num_kv_splits must be >= 1, got {num_kv_splits}")
+    check_blocks(num_kv_splits, block_n, block_h)
     dev = check_device(_latent_decode_stage1_kernel, q_latent, q_rope, cache, block_table, seq_lens)
     shared_kv = (k_start, k_len) == (v_start, v_len)
     out = torch.empty(bsz, num_heads, v_len, dtype=out_dtype, device=dev)
