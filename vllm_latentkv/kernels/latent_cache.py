@@ -119,7 +119,9 @@ def _latent_cache_write_int4_kernel(
     s16 = tl.clamp(m * -0.125, -FP16_MAX, FP16_MAX).to(tl.float16)  # s = m / -8
     s = s16.to(tl.float32)
     s = tl.where(s == 0.0, 1.0, s)  # all-zero group: q = 0
-    q = tl.clamp(tl.floor(x / s[:, None, None] + 0.5), -8.0, 7.0)  # q = clamp(round(x / s))
+    # q = clamp(round(x / s)); div_rn: IEEE division as in torch (a bare `/` is div.full.f32, 2 ulp,
+    # on NVIDIA GPUs, which could flip a value sitting on a rounding boundary)
+    q = tl.clamp(tl.floor(tl.math.div_rn(x, s[:, None, None]) + 0.5), -8.0, 7.0)
     u = (q + 8.0).to(tl.int32)  # offset-binary nibble in [0, 15]
     byte = tl.sum(u << (offs_j[None, None, :] * 4), axis=2)  # col 2i -> low, 2i+1 -> high
 
