@@ -63,7 +63,8 @@ def case(request, tmp_path_factory):
     if opts["rope_mode"] == "shared":
         opts = {**opts, "calibration_ids": torch.randint(3, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))}
     latent = convert_to(src, tmp / "latent", **opts)
-    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True)
+    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
+                    skip_tokenizer_init=True)
     yield name, latent, reference_model(latent), engine
     engine.close()
 
