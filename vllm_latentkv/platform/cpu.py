@@ -23,7 +23,7 @@ Attention backend choice (``get_attn_backend_cls``), in order:
 4. everything else gets :class:`~.torch_attn.TorchPagedAttentionBackend`.
 """
 
-import torch
+from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
@@ -34,6 +34,9 @@ MLA_BACKEND_NAME = "LATENTKV_MLA"
 TORCH_ATTN_NAME = "TORCH_PAGED_ATTN"
 TORCH_ATTN_PATH = "vllm_latentkv.platform.torch_attn.TorchPagedAttentionBackend"
 DEFAULT_KV_CACHE_BYTES = 1 << 30
+
+# A child of vLLM's "vllm" logger: its handler and VLLM_LOGGING_LEVEL apply.
+logger = init_logger("vllm.latentkv.platform")
 
 _SLOT_MAPPING_KERNEL = "vllm.v1.worker.block_table.ComputeSlotMappingKernel.kernel"
 
@@ -89,6 +92,11 @@ class LatentKVCpuPlatform(CpuPlatform):
             # Without a budget the CPU worker reserves gpu_memory_utilization of
             # all RAM (0.9 by default) and fails when other processes hold some.
             cache.kv_cache_memory_bytes = DEFAULT_KV_CACHE_BYTES
+        logger.info(
+            "latentkv CPU reference platform (development/CI aid, not for production): "
+            "eager PyTorch, KV cache budget %.2f GiB (--kv-cache-memory-bytes).",
+            cache.kv_cache_memory_bytes / (1 << 30),
+        )
 
     @classmethod
     def get_attn_backend_cls(
@@ -114,9 +122,7 @@ class LatentKVCpuPlatform(CpuPlatform):
 
     @staticmethod
     def _log_ignored(selected_backend) -> None:
-        from vllm.logger import init_logger
-
-        init_logger(__name__).info(
+        logger.info_once(
             "Ignoring attention backend %s: vLLM's own backends need compiled "
             "kernels the latentkv CPU platform does not have.",
             selected_backend.name,
@@ -146,6 +152,7 @@ class LatentKVCpuPlatform(CpuPlatform):
                 f"{TORCH_ATTN_NAME} cannot run this attention layer "
                 f"({cfg!r}): {'; '.join(reasons)}"
             )
+        logger.info_once("Using %s attention backend.", TORCH_ATTN_NAME)
         return TORCH_ATTN_PATH
 
 
