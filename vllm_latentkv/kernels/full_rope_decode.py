@@ -257,6 +257,8 @@ def _launch_full_rope(
         BLOCK_V=pow2_at_least(v_len),
         DOT_DTYPE=ddtype,
         DOT_PRECISION="ieee" if ddtype == tl.float32 else "tf32",
+        num_warps=4,  # Hopper starting point (as vLLM's grouped MLA decode); tune on the GPU
+        num_stages=2,
     )
     _merge_splits_kernel[(bsz, num_heads)](
         part_acc,

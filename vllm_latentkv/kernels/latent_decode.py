@@ -335,6 +335,8 @@ def _launch_decode(
         BLOCK_R=pow2_at_least(rope_heads * rope_head_dim),
         DOT_DTYPE=ddtype,
         DOT_PRECISION="ieee" if ddtype == tl.float32 else "tf32",
+        num_warps=4,  # Hopper starting point (as vLLM's grouped MLA decode); tune on the GPU
+        num_stages=2,
     )
     _merge_splits_kernel[(bsz, num_heads)](
         part_acc,
