@@ -57,9 +57,11 @@ class LatentKVCpuPlatform(CpuPlatform):
 
     @classmethod
     def register_triton_kernel_overrides(cls) -> None:
-        # No GPU driver: vLLM swaps its Triton kernels for placeholders, and its
-        # CpuPlatform overrides only when Triton is usable. Replace the one kernel
-        # every step launches.
+        # No GPU driver: vLLM's Triton kernels are placeholders. CpuPlatform's own
+        # overrides call C++ kernels of the CPU build, and its slot-mapping one
+        # takes its arguments in another order than the kernel (so it fails even
+        # with them). Replace only the kernel every step launches; speculative
+        # decoding and Mamba kernels stay unsupported.
         from vllm.triton_utils.dispatcher import register_kernels
 
         register_kernels({_SLOT_MAPPING_KERNEL: ops.compute_slot_mapping_kernel})
