@@ -36,7 +36,16 @@ METHODS = [
     ("root_cov + LoRC ranks", dict(method="activation", rank_allocation="lorc")),
     ("root_cov + budgeted ranks", dict(method="activation", rank_allocation="budgeted")),
 ]
-MODES = {"full": dict(rope_mode="full"), "partial 2norm 1 pair": dict(rope_mode="partial", rope_strategy="2norm", rope_pairs=1)}
+TRANSKV = [
+    ("TransKV, scale 1/sqrt(d_h)", dict(method="transkv")),
+    ("TransKV, scale 1/sqrt(r_k)", dict(method="transkv", transkv_scale="reduced")),
+]
+# mode -> (converter options, methods measured in it)
+MODES = {
+    "full": (dict(rope_mode="full"), METHODS),
+    "partial 2norm 1 pair": (dict(rope_mode="partial", rope_strategy="2norm", rope_pairs=1), METHODS),
+    "TransKV (narrower per-head K/V, full RoPE)": (dict(), TRANSKV),
+}
 
 
 def main() -> None:
@@ -51,8 +60,8 @@ def main() -> None:
     base = perplexity(load_hf(src), windows, batch_size=4, progress=False)
     results: dict = {}
     t0 = time.time()
-    for mode, mkw in MODES.items():
-        for name, kw in METHODS:
+    for mode, (mkw, methods) in MODES.items():
+        for name, kw in methods:
             for ratio in RATIOS:
                 try:
                     opts = ConvertOptions(kv_ratio=ratio, **base_opts, **mkw, **kw)
@@ -76,11 +85,13 @@ def write(base: float, results: dict) -> None:
         "or, for the rank allocations, than root covariance with uniform ranks.",
         "",
     ]
-    for mode in MODES:
+    for mode, (_, methods) in MODES.items():
         lines += [f"## {mode}", "", "| method | " + " | ".join(f"kv {r}" for r in RATIOS) + " |",
                   "|---|" + "---:|" * len(RATIOS)]
-        svd = {r: results[(mode, METHODS[0][0], r)][0] for r in RATIOS}
-        for name, _ in METHODS:
+        # TransKV has no plain-SVD row of its own: it is compared with full-mode plain SVD at the same cache size
+        svd_mode = mode if methods is METHODS else "full"
+        svd = {r: results[(svd_mode, METHODS[0][0], r)][0] for r in RATIOS}
+        for name, _ in methods:
             cells = []
             for r in RATIOS:
                 ppl, info = results[(mode, name, r)]
@@ -109,7 +120,8 @@ def write(base: float, results: dict) -> None:
         "ranks minimise the summed per-layer activation loss but not perplexity: they do not beat uniform ranks on this "
         "5-layer model. LoRC hurts at 0.5 (it gives the deepest layers very few dims) and helps at 0.25. Partial RoPE with "
         "one kept pair of 4 per head is far worse than full mode on this d_h = 8 model without fine-tuning (3 of 4 "
-        "frequency pairs of every key lose their rotation); the method ranking is similar there.",
+        "frequency pairs of every key lose their rotation); the method ranking is similar there. TransKV rows: "
+        "compared with full-mode plain SVD at the same cache size (**no help** when not better).",
         "",
     ]
     OUT.with_suffix(".md").write_text("\n".join(lines))
@@ -120,9 +132,9 @@ def write(base: float, results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, axes = plt.subplots(1, len(MODES), figsize=(12, 4.5), sharey=True)
-    for ax, mode in zip(axes, MODES):
-        for name, _ in METHODS:
+    fig, axes = plt.subplots(1, len(MODES), figsize=(16, 4.5), sharey=True)
+    for ax, (mode, (_, methods)) in zip(axes, MODES.items()):
+        for name, _ in methods:
             ys = [results[(mode, name, r)][0] for r in RATIOS]
             ax.plot(RATIOS, ys, marker="o", label=name)
         ax.axhline(base, color="k", ls="--", label="source")
