@@ -33,9 +33,21 @@ class AttentionStats:
     extra: dict = field(default_factory=dict)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def head_projections(x: torch.Tensor, src: AttentionWeights, dims: fmt.ModelDims, eps: float):
+    """Source queries, keys and values per head, q/k-normed, before RoPE: x [n, D] -> [n, heads, d_h]."""
+    H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
+    bias = lambda b: b.float() if b is not None else 0  # noqa: E731
+    q = (x @ src.wq.float().T + bias(src.bq)).view(-1, H, d_h)
+    k = (x @ src.wk.float().T + bias(src.bk)).view(-1, G, d_h)
+    v = (x @ src.wv.float().T + bias(src.bv)).view(-1, G, d_h)
+    if src.q_norm is not None:
+        q, k = rms_norm(q, src.q_norm, eps), rms_norm(k, src.k_norm, eps)
+    return q, k, v
 
 
 def source_layer_module(source: SourceModel, i: int, dtype=torch.float32) -> DecoderLayer:
@@ -88,16 +100,11 @@ def attention_stats(source: SourceModel, i: int, hidden: torch.Tensor, src: Atte
     q_norms = torch.zeros(H, n_f, dtype=torch.float64)
     k_norms = torch.zeros(G, n_f, dtype=torch.float64)
     cov = torch.zeros(n_f, G, G, dtype=torch.float64)
-    wq, wk = src.wq.float(), src.wk.float()
     n = 0
     for start in range(0, hidden.shape[0], chunk):
-        x = _rms_norm(hidden[start : start + chunk], norm_w, source.rms_norm_eps).flatten(0, 1)  # [n, D]
+        x = rms_norm(hidden[start : start + chunk], norm_w, source.rms_norm_eps).flatten(0, 1)  # [n, D]
         inputs.update(x)
-        q = (x @ wq.T + (src.bq.float() if src.bq is not None else 0)).view(-1, H, d_h)
-        k = (x @ wk.T + (src.bk.float() if src.bk is not None else 0)).view(-1, G, d_h)
-        if src.q_norm is not None:
-            q = _rms_norm(q, src.q_norm, source.rms_norm_eps)
-            k = _rms_norm(k, src.k_norm, source.rms_norm_eps)
+        q, k, _ = head_projections(x, src, dims, source.rms_norm_eps)
         q_norms += _pair_norms(q).sum(0)
         k_norms += _pair_norms(k).sum(0)
         cov += pair_covariance(k)

@@ -20,7 +20,7 @@ from latentkv.rope import rotate
 @torch.no_grad()
 def kv_head_autocorrelation(source: SourceModel, i: int, hidden: torch.Tensor, src: AttentionWeights, chunk: int = 8):
     """(C_K, C_V), each [G, d_h, d_h]: mean outer products of rotated keys and of values per KV head."""
-    from converters.calibration import _rms_norm
+    from converters.calibration import head_projections, rms_norm
 
     dims = source.dims
     G, d_h = dims.num_key_value_heads, dims.head_dim
@@ -31,13 +31,11 @@ def kv_head_autocorrelation(source: SourceModel, i: int, hidden: torch.Tensor, s
     for start in range(0, hidden.shape[0], chunk):
         h = hidden[start : start + chunk]
         B, L, _ = h.shape
-        x = _rms_norm(h, norm_w, source.rms_norm_eps)  # [B, L, D]
-        k = (x @ src.wk.float().T + (src.bk.float() if src.bk is not None else 0)).view(B, L, G, d_h)
-        v = (x @ src.wv.float().T + (src.bv.float() if src.bv is not None else 0)).view(B, L, G, d_h)
-        if src.k_norm is not None:
-            k = _rms_norm(k, src.k_norm, source.rms_norm_eps)
-        k = rotate(k, torch.arange(L).expand(B, L), source.inv_freq)
-        k, v = k.flatten(0, 1).double(), v.flatten(0, 1).double()  # [N, G, d_h]
+        x = rms_norm(h, norm_w, source.rms_norm_eps).flatten(0, 1)  # [B L, D]
+        _, k, v = head_projections(x, src, dims, source.rms_norm_eps)
+        positions = torch.arange(L).repeat(B)[:, None]  # [B L, 1]: each token's position in its sequence
+        k = rotate(k[:, None], positions, source.inv_freq)[:, 0]  # RoPE(k): [B L, G, d_h]
+        k, v = k.double(), v.double()
         Ck += torch.einsum("ngi,ngj->gij", k, k)
         Cv += torch.einsum("ngi,ngj->gij", v, v)
         n += k.shape[0]
