@@ -215,4 +215,4 @@ def test_kv_capacity_follows_bytes_per_token(engine, engine_int4, paths):
     assert got_source == KV_BYTES // (BLOCK_SIZE * report["source_bytes_per_token"]) * BLOCK_SIZE
     for k, bpt in expected.items():
         assert got[k] == KV_BYTES // (BLOCK_SIZE * bpt) * BLOCK_SIZE, k
-    assert got["converted"] == 2 * got_source  # 50% KV ratio
+    assert abs(got["converted"] / got_source - 2) < 0.01  # 50% KV ratio (up to whole blocks)
