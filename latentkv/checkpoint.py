@@ -107,11 +107,14 @@ def validate_checkpoint(model_dir: str | Path) -> tuple[fmt.LatentKVSpec, fmt.Mo
 
 
 class TensorReader:
-    """Memory-mapped access to the tensors of a checkpoint, one at a time."""
+    """Memory-mapped access to the tensors of a checkpoint, one at a time.
+
+    Each read opens the file and closes it again: a handle kept open keeps every page it ever
+    touched mapped into the process, so reading a whole model would end up resident.
+    """
 
     def __init__(self, model_dir: str | Path):
         self.files = weight_files(model_dir)
-        self._handles: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -120,16 +123,15 @@ class TensorReader:
         return list(self.files)
 
     def get(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        t = self._handle(name).get_tensor(name)
-        return t if dtype is None else t.to(dtype)
-
-    def _handle(self, name: str):
         if name not in self.files:
             raise CheckpointError(f"tensor {name} is missing from the checkpoint")
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path]
+        with safe_open(str(self.files[name]), framework="pt") as f:
+            t = f.get_tensor(name)
+        return t if dtype is None else t.to(dtype)
+
+    def dtype_name(self, name: str) -> str:
+        """The stored dtype of a tensor as safetensors names it (F32, F16, BF16, ...), from the header."""
+        return read_header(self.files[name])[name]["dtype"]
 
 
 class ShardedWriter:

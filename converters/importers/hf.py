@@ -103,7 +103,8 @@ class SourceModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.reader.get("model.embed_tokens.weight", dtype=None).dtype
+        stored = self.reader.dtype_name("model.embed_tokens.weight")
+        return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[stored]
 
     def tensor(self, name: str, dtype: torch.dtype | None = torch.float64) -> torch.Tensor:
         t = self.reader.get(name, dtype=dtype)
