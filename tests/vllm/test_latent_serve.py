@@ -97,4 +97,4 @@ def test_completions_greedy_matches_reference(server, converted):
         assert choice["token_ids"] == want, prompt
         # the server detokenizes incrementally: its text keeps the leading space decode() drops
         assert choice["text"] == tok.decode(ids + want)[len(tok.decode(ids)):], prompt
-    assert "latentkv:" in log_path.read_text()  # the plugin's model was used
+    assert "LatentKVForCausalLM" in log_path.read_text()  # the plugin's architecture was resolved
