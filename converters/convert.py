@@ -401,7 +401,7 @@ def _write_config(out: Path, source: SourceModel, spec: fmt.LatentKVSpec, dtype:
         head_dim=source.dims.head_dim,
         num_key_value_heads=source.dims.num_key_value_heads,
         tie_word_embeddings=source.dims.tie_word_embeddings,
-        torch_dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
         latent_kv=spec.model_dump(mode="json"),
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -162,3 +162,29 @@ def test_generate_uses_the_latent_cache(sources, tmp_path):
     for _ in range(6):  # greedy without any cache gives the same tokens
         no_cache = torch.cat([no_cache, model(no_cache).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out.sequences, no_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_sharded_source_and_output(tmp_path, dtype):
+    """A sharded fp16/bf16 Mistral source converts into a sharded checkpoint equal to an unsharded one."""
+    from transformers import AutoModelForCausalLM
+
+    src = make_hf_model(tmp_path / "src", "mistral", kv_heads=2, layers=3, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")  # Hugging Face's own sharding
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    opts = dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, kv_ratio=1.0)
+    convert(tmp_path / "sharded", tmp_path / "one", ConvertOptions(**opts), progress=False)
+    convert(tmp_path / "sharded", tmp_path / "many", ConvertOptions(shard_bytes=40_000, **opts), progress=False)
+    shards = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "many" / "model.safetensors.index.json").is_file()
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(8))
+    one, many = load_latent(tmp_path / "one"), load_latent(tmp_path / "many")
+    from latentkv.checkpoint import TensorReader
+
+    stored = {"F16": torch.float16, "BF16": torch.bfloat16}
+    assert {stored[TensorReader(tmp_path / d).dtype_name("model.layers.0.self_attn.kv_a_proj.weight")] for d in ("one", "many")} == {dtype}
+    assert torch.equal(one(ids).logits, many(ids).logits)
+    # all pairs kept, full rank: the converted model is the source up to rounding of the stored dtype
+    ref = load_hf(src)(ids).logits
+    assert (one(ids).logits - ref).abs().max().item() < 0.05
