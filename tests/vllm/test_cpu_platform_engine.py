@@ -52,7 +52,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(tokenizer) -> dict[str, list[int]]:
-    """Token-id prompts cut from held-out WikiText-2: odd lengths, and two pairs
+    """Token-id prompts cut from held-out WikiText-2: odd lengths, and a pair
     sharing a PREFIX_TOKENS-token prefix (for prefix caching)."""
     ids = tokenizer(TEXT.read_text()[:40_000]).input_ids
     prefix = ids[3000 : 3000 + PREFIX_TOKENS]
