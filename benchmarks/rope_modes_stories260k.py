@@ -83,7 +83,7 @@ def main() -> None:
         f"Written by `benchmarks/rope_modes_stories260k.py` ({seconds:.0f} s). One-shot conversion, no fine-tuning.",
         "Calibration: 32 x 256 tokens of `tinystories_a.txt`; evaluation: `tinystories_sample.txt` (5 stories, each from BOS).",
         f"Source model perplexity: **{source_ppl:.3f}**. KV ratio = cached values per token / source's (64 per layer);",
-        "`n/a`: the kept rope keys alone exceed that ratio.",
+        "`n/a`: the kept rope keys alone exceed that ratio. With one pair per head S_uniform = {0} = S_high (same rows).",
         "",
         "| RoPE | decomposition | " + " | ".join(f"KV {r:.1%}" for r in RATIOS) + " |",
         "|---|---|" + "---|" * len(RATIOS),
