@@ -32,6 +32,7 @@ METHODS = [
     ("plain SVD (joint)", dict(method="svd")),
     *[(f"activation {p} (joint)", dict(method="activation", preconditioner=p))
       for p in ("identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance")],
+    ("root_covariance centred + bias update (joint)", dict(method="activation", centred=True)),
     ("LatentLLM joint QK/VO (split)", dict(method="latentllm", svd="split")),
     ("root_cov + LoRC ranks", dict(method="activation", rank_allocation="lorc")),
     ("root_cov + budgeted ranks", dict(method="activation", rank_allocation="budgeted")),

@@ -57,13 +57,13 @@ def source_layer_module(source: SourceModel, i: int, dtype=torch.float32) -> Dec
     return layer_module(source, spec, tensors, dtype)
 
 
-def single_layer_spec(source: SourceModel, layer: fmt.LayerSpec) -> fmt.LatentKVSpec:
+def single_layer_spec(source: SourceModel, layer: fmt.LayerSpec, attention_bias: bool | None = None) -> fmt.LatentKVSpec:
     return fmt.LatentKVSpec(
         format_version=fmt.FORMAT_VERSION,
         source=fmt.SourceInfo(architecture=source.architecture, model_type=source.model_type),
         method=fmt.MethodInfo(name="calibration"),
         rope_inv_freq=source.inv_freq.tolist(),
-        attention_bias=source.attention_bias,
+        attention_bias=source.attention_bias if attention_bias is None else attention_bias,
         qk_norm=source.qk_norm,
         layers=[layer],
     )

@@ -49,6 +49,7 @@ class ConvertOptions:
     method: Literal["svd", "activation", "latentllm", "transkv"] = "svd"  # see converters.methods
     transkv_scale: Literal["original", "reduced"] = "original"  # transkv softmax scale: 1/sqrt(d_h) or 1/sqrt(r_k)
     preconditioner: str = "root_covariance"  # method activation: LatentLLM Table 1 kind
+    centred: bool = False  # method activation: centred covariance + bias update (LatentLLM eq. 41-47)
     damping: float = 0.01  # relative damping of the activation statistics (activation, latentllm)
     rank_allocation: Literal["uniform", "lorc", "budgeted"] = "uniform"  # per-layer widths from kv_ratio / rank
     calibration_text: str | None = None  # plain text, or JSON lines with a text field
@@ -158,6 +159,8 @@ def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool
         raise ConversionError(f"method {opts.method!r}: choose one of {', '.join(methods.METHODS)}")
     if opts.method == "activation" and opts.preconditioner not in methods.PRECONDITIONERS:
         raise ConversionError(f"preconditioner {opts.preconditioner!r}: choose one of {', '.join(methods.PRECONDITIONERS)}")
+    if opts.centred and opts.method != "activation":
+        raise ConversionError("--centred (centred covariance + bias update) goes with --method activation")
     if opts.method == "transkv" and opts.rank_allocation != "uniform":
         raise ConversionError("method transkv uses one head width for every layer: use --rank-allocation uniform")
     if opts.method == "latentllm" and opts.svd != "split":
@@ -271,7 +274,28 @@ def convert(
     return report
 
 
+def has_bias(opts: ConvertOptions, source: SourceModel) -> bool:
+    """The centred method gives bias-free sources up-projection biases (and so every layer biases)."""
+    return source.attention_bias or opts.centred
+
+
+def complete_biases(layer: fmt.LayerSpec, tensors: dict, opts: ConvertOptions, source: SourceModel) -> dict:
+    """Zero biases wherever the format expects one that the layer's source did not have."""
+    if has_bias(opts, source):
+        spec = calib.single_layer_spec(source, layer, attention_bias=True)
+        for name, shape in fmt.attention_tensor_shapes(0, layer, spec, source.dims).items():
+            key = name.removeprefix("model.layers.0.self_attn.")
+            if key.endswith(".bias") and key not in tensors:
+                tensors[key] = torch.zeros(shape, dtype=torch.float64)
+    return tensors
+
+
 def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):
+    layer, tensors = _convert_attention(i, width, opts, source, hidden, stats)
+    return layer, complete_biases(layer, tensors, opts, source)
+
+
+def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):
     src = source.attention(i)
     dims = source.dims
     if i in opts.keep_layers:
@@ -283,7 +307,8 @@ def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel,
     if stats is None and hidden is not None:
         stats = calib.attention_stats(source, i, hidden, src)
     plan = plan_layer(i, width, opts, source, stats)
-    return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims))
+    mean = stats.inputs.mean if opts.centred else None
+    return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims), input_mean=mean)
 
 
 def _nope_and_value(src, plan: LatentPlan, dims: fmt.ModelDims):
@@ -373,7 +398,7 @@ def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceMo
     else:
         rest = {n.removeprefix(f"model.layers.{i}."): source.tensor(n, torch.float32) for n in source.layer_names(i) if ".self_attn." not in n}
         rest.update({"self_attn." + n: t.float() for n, t in tensors.items()})
-        module = calib.layer_module(source, calib.single_layer_spec(source, layer), rest, torch.float32)
+        module = calib.layer_module(source, calib.single_layer_spec(source, layer, has_bias(opts, source)), rest, torch.float32)
     return calib.run_layer(module, hidden)
 
 
@@ -384,7 +409,7 @@ def _spec(source: SourceModel, opts: ConvertOptions, layers: list) -> fmt.Latent
         source=fmt.SourceInfo(architecture=source.architecture, model_type=source.model_type, name=source.dir.name),
         method=methods.method_info(opts, params),
         rope_inv_freq=source.inv_freq.tolist(),
-        attention_bias=source.attention_bias,
+        attention_bias=has_bias(opts, source),
         qk_norm=source.qk_norm,
         layers=layers,
     )

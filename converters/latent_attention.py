@@ -56,29 +56,22 @@ def _rows(w: torch.Tensor | None, heads: int, dims_per_head: list[list[int]], d_
 
 
 def build_latent_layer(
-    src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims, factorize: Factorizer = plain_svd
+    src: AttentionWeights,
+    plan: LatentPlan,
+    dims: fmt.ModelDims,
+    factorize: Factorizer = plain_svd,
+    input_mean: torch.Tensor | None = None,
 ) -> tuple[fmt.LatentLayer, dict[str, torch.Tensor]]:
-    """Spec and tensors (names relative to ``self_attn.``) of the converted layer, float64."""
+    """Spec and tensors (names relative to ``self_attn.``) of the converted layer, float64.
+
+    With ``input_mean`` mu (the centred methods), the up-projection biases absorb the mean error of
+    the factorisation, b^ = b + (W - B A) mu (LatentLLM eq. 43): the layer is exact on the mean input.
+    """
     builders = {"partial": _partial_parts, "shared": _shared_parts, "full": _full_parts}
     parts = builders[plan.rope_mode](src, plan, dims)
     tensors = dict(parts.pop("direct"))
     latent_a, k_b, v_b = _factorize_kv(parts["wk_nope"], src.wv, plan, dims, factorize)
     d_n = parts["d_n"]
-    tensors["kv_a_proj.weight"] = torch.cat([latent_a, parts["wk_rope"]], dim=0)
-    if src.bq is not None or src.bk is not None or src.bv is not None:
-        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
-        rope_bias = parts["bk_rope"] if parts["bk_rope"] is not None else zeros(parts["wk_rope"].shape[0])
-        tensors["kv_a_proj.bias"] = torch.cat([zeros(latent_a.shape[0]), rope_bias])
-        tensors["v_b_proj.bias"] = src.bv if src.bv is not None else zeros(dims.num_key_value_heads * dims.head_dim)
-        if d_n:
-            bk = parts["bk_nope"]
-            tensors["k_b_proj.bias"] = bk if bk is not None else zeros(dims.num_key_value_heads * d_n)
-        if "q_proj.bias" not in tensors:
-            tensors["q_proj.bias"] = zeros(tensors["q_proj.weight"].shape[0])
-    if d_n:
-        tensors["k_b_proj.weight"] = k_b
-    tensors["v_b_proj.weight"] = v_b
-    tensors["o_proj.weight"] = src.wo
     layer = fmt.LatentLayer(
         rope_mode=plan.rope_mode,
         rope_pairs=parts["rope_pairs"],
@@ -86,7 +79,36 @@ def build_latent_layer(
         latent=fmt.LatentRanks(joint=plan.joint, k_rank=plan.k_rank if d_n else (plan.v_rank if plan.joint else 0), v_rank=plan.v_rank, groups=plan.groups),
         softmax_scale=plan.softmax_scale or fmt.default_softmax_scale(dims.head_dim),
     )
+    tensors["kv_a_proj.weight"] = torch.cat([latent_a, parts["wk_rope"]], dim=0)
+    if d_n:
+        tensors["k_b_proj.weight"] = k_b
+    tensors["v_b_proj.weight"] = v_b
+    tensors["o_proj.weight"] = src.wo
+    if src.bq is not None or src.bk is not None or src.bv is not None or input_mean is not None:
+        zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
+        G, d_h = dims.num_key_value_heads, dims.head_dim
+        rope_bias = parts["bk_rope"] if parts["bk_rope"] is not None else zeros(parts["wk_rope"].shape[0])
+        tensors["kv_a_proj.bias"] = torch.cat([zeros(latent_a.shape[0]), rope_bias])
+        if "q_proj.bias" not in tensors:
+            tensors["q_proj.bias"] = zeros(tensors["q_proj.weight"].shape[0])
+        bv = src.bv if src.bv is not None else zeros(G * d_h)
+        bk = parts["bk_nope"] if parts["bk_nope"] is not None else zeros(G * d_n)
+        if input_mean is not None:  # eq. 43, per up-projection
+            lat = layer.latent
+            mu = input_mean.to(torch.float64)
+            bv = bv + (src.wv - _reconstruct(latent_a[lat.v_slice], v_b, G, lat.groups)) @ mu
+            if d_n:
+                bk = bk + (parts["wk_nope"] - _reconstruct(latent_a[lat.k_slice], k_b, G, lat.groups)) @ mu
+        tensors["v_b_proj.bias"] = bv
+        if d_n:
+            tensors["k_b_proj.bias"] = bk
     return layer, tensors
+
+
+def _reconstruct(a: torch.Tensor, up: torch.Tensor, G: int, n_grp: int) -> torch.Tensor:
+    """The weight a latent factorisation stands for: head g's rows = up_g @ a[chunk(g)] -> [G out, D]."""
+    chunks = a.view(n_grp, -1, a.shape[1]).repeat_interleave(G // n_grp, dim=0)  # [G, r', D]
+    return torch.einsum("gor,grd->god", up.view(G, -1, up.shape[1]), chunks).reshape(-1, a.shape[1])
 
 
 def _factorize_kv(wk_nope, wv, plan: LatentPlan, dims: fmt.ModelDims, factorize: Factorizer):

@@ -39,18 +39,22 @@ RANK_ALLOCATIONS = ("uniform", "lorc", "budgeted")
 METHOD_NAMES = {"svd": "mha2mla", "activation": "mha2mla+activation-svd", "latentllm": "mha2mla+latentllm", "transkv": "transkv"}
 
 
-def _precond(kind: str, stats: "AttentionStats", damping: float):
+def _precond(kind: str, stats: "AttentionStats", damping: float, centred: bool = False):
     sqrt_method = "cholesky" if kind == "root_covariance" else "eigh"
-    return preconditioner(kind, stats.inputs, damping=damping, sqrt_method=sqrt_method)
+    return preconditioner(kind, stats.inputs, damping=damping, sqrt_method=sqrt_method, centred=centred)
 
 
-def activation_factorizer(stats: "AttentionStats", kind: str, damping: float) -> Factorizer:
-    """svd_r[[blocks] P], A = V^T P^-1 (every role); P computed once per layer."""
+def activation_factorizer(stats: "AttentionStats", kind: str, damping: float, centred: bool = False) -> Factorizer:
+    """svd_r[[blocks] P], A = V^T P^-1 (every role); P computed once per layer.
+
+    centred: P from the centred covariance (eq. 44-47); the caller then moves the mean error into
+    the up-projection biases (``build_latent_layer(..., input_mean=mu)``, eq. 43).
+    """
     cache: dict = {}
 
     def factorize(blocks: list[torch.Tensor], rank: int, role: str):
         if "P" not in cache:
-            cache["P"] = _precond(kind, stats, damping)
+            cache["P"] = _precond(kind, stats, damping, centred)
         P, P_inv = cache["P"]
         W = torch.cat(blocks, dim=0)
         A, B = asvd.activation_aware_lowrank(W, rank, P, P_inv)
@@ -123,7 +127,7 @@ def make_factorizer(opts, stats, src, plan: LatentPlan, dims: fmt.ModelDims) -> 
     if stats is None:
         raise ValueError(f"method {opts.method!r} needs calibration statistics")
     if opts.method == "activation":
-        return activation_factorizer(stats, opts.preconditioner, opts.damping)
+        return activation_factorizer(stats, opts.preconditioner, opts.damping, opts.centred)
     if opts.method == "latentllm":
         return latentllm_factorizer(stats, src, plan, dims, opts.damping)
     raise ValueError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")

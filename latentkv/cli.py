@@ -58,6 +58,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preconditioner", default="root_covariance",
                    choices=["identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance"],
                    help="--method activation: the pre-conditioner P (default: %(default)s)")
+    g.add_argument("--centred", action="store_true",
+                   help="--method activation: pre-condition with the centred covariance and move the mean error into the "
+                        "up-projection biases (LatentLLM eq. 41-47); adds biases to bias-free sources")
     g.add_argument("--damping", type=float, default=0.01,
                    help="relative damping lam = damping * mean diag of the input second moment (default: %(default)s)")
     g.add_argument("--rank-allocation", choices=["uniform", "lorc", "budgeted"], default="uniform",
@@ -84,7 +87,7 @@ def options_from_args(args: argparse.Namespace):
     return ConvertOptions(
         rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
         rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups,
-        keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, preconditioner=args.preconditioner, damping=args.damping,
+        keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, centred=args.centred, preconditioner=args.preconditioner, damping=args.damping,
         rank_allocation=args.rank_allocation, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
         calibration_seed=args.seed, calibration_inputs=args.calibration_inputs, dtype=args.dtype,

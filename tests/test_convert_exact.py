@@ -188,3 +188,31 @@ def test_half_precision_sharded_source_and_output(tmp_path, dtype):
     # all pairs kept, full rank: the converted model is the source up to rounding of the stored dtype
     ref = load_hf(src)(ids).logits
     assert (one(ids).logits - ref).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa"])
+def test_centred_bias_update_is_exact_on_the_mean_input(sources, name, tmp_path):
+    """LatentLLM eq. 43: with the bias update the compressed K/V projections are exact at the input mean."""
+    from converters.calibration import attention_stats, embed
+    from converters.importers.hf import SourceModel
+    from converters.latent_attention import LatentPlan, _reconstruct, build_latent_layer
+    from converters.methods import activation_factorizer
+
+    source = SourceModel(sources[name])
+    src = source.attention(0)
+    stats = attention_stats(source, 0, embed(source, torch.randint(0, 128, (4, 32))), src)
+    plan = LatentPlan(rope_mode="full", joint=True, k_rank=12, v_rank=12)
+    mu = stats.inputs.mean
+    layer, t = build_latent_layer(src, plan, source.dims, activation_factorizer(stats, "root_covariance", 0.01, True), input_mean=mu)
+    A = t["kv_a_proj.weight"]
+    k_hat = _reconstruct(A, t["k_b_proj.weight"], 2, 1) @ mu + t["k_b_proj.bias"]
+    v_hat = _reconstruct(A, t["v_b_proj.weight"], 2, 1) @ mu + t["v_b_proj.bias"]
+    bias = lambda b: b if b is not None else 0  # noqa: E731
+    assert torch.allclose(k_hat, src.wk @ mu + bias(src.bk), atol=1e-9)
+    assert torch.allclose(v_hat, src.wv @ mu + bias(src.bv), atol=1e-9)
+    # and the whole pipeline: a bias-free source gains biases, the checkpoint loads and runs
+    out = _convert(sources[name], tmp_path, rope_mode="partial", rope_strategy="high", rope_pairs=2, kv_ratio=0.5,
+                   method="activation", centred=True, keep_layers=[1])
+    model = load_latent(out)
+    assert model.config.spec.attention_bias and model.config.spec.method.params["centred"]
+    assert torch.isfinite(model(torch.randint(0, 128, (1, 8))).logits).all()
