@@ -67,7 +67,8 @@ class LatentKVDecoderLayer(nn.Module):
         if isinstance(spec.layers[idx], fmt.LatentLayer):
             self.self_attn = LatentAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
         else:
-            self.self_attn = HeadAttention(spec, dims, idx, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn")
+            self.self_attn = HeadAttention(spec, dims, idx, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn",
+                                           eps=config.rms_norm_eps)
         self.mlp = LlamaMLP(
             hidden_size=dims.hidden_size,
             intermediate_size=dims.intermediate_size,

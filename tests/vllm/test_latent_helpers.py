@@ -37,10 +37,13 @@ def convert_to(src: Path, out: Path, **opts) -> Path:
 
 def make_random_llama(out: Path, family: str = "llama", *, heads: int, kv_heads: int, head_dim: int = 16,
                       hidden: int = 64, layers: int = 3, vocab: int = 256, seed: int = 0) -> Path:
-    """A random Llama/Qwen2 HF model (Qwen2: q/k/v biases, made non-zero so bias bugs show)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    """A random Llama/Qwen2/Qwen3 HF model (Qwen2: q/k/v biases, made non-zero so bias bugs show;
+    Qwen3: per-head q/k RMSNorm, gains made non-uniform so norm bugs show)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
     torch.manual_seed(seed)
     config = config_cls(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
@@ -50,6 +53,8 @@ def make_random_llama(out: Path, family: str = "llama", *, heads: int, kv_heads:
         for name, p in model.named_parameters():
             if "bias" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+            elif "q_norm" in name or "k_norm" in name:  # gains around 1.5: peaky scores despite the norm
+                p.add_(0.5 + torch.randn_like(p) * 0.4)
             elif "proj" in name:  # larger weights: peakier attention, greedy paths that depend on it
                 p.mul_(4.0)
     model.save_pretrained(out)

@@ -157,7 +157,7 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
 
     # -- write -------------------------------------------------------------------------------
     def write(self, latent: torch.Tensor, rope: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """latent [T, W], rope [T, R_H R_D] (rotated) -> the rows at slot_mapping (-1 = skip)."""
+        """latent [T, W], rope [T, R_H R_D (+ K key scales)] (rotated) -> the rows at slot_mapping (-1 = skip)."""
         L = self.layout
         cache = self.rows(kv_cache)
         num = slot_mapping.shape[0]
@@ -182,8 +182,11 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         cache[slots // page, slots % page] = rows
 
     # -- read ----------------------------------------------------------------------------------
-    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One request's first seq_len rows: (latent fp32 [S, W], rope fp32 [S, R_H, R_D])."""
+    def read(
+        self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """One request's first seq_len rows: (latent fp32 [S, W], rope fp32 [S, R_H, R_D],
+        key scales fp32 [S, K] or None when the layout has none)."""
         L = self.layout
         cache = self.rows(kv_cache)
         page = cache.shape[1]
@@ -192,10 +195,12 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         if L.int4:
             from vllm_latentkv.kernels.int4_pack import int4_unpack_rows
 
-            lat, rope = int4_unpack_rows(rows, L.latent_dim, L.rope_dim, L.group_size)
+            lat, tail = int4_unpack_rows(rows, L.latent_dim, L.tail_dim, L.group_size)
         else:
-            lat, rope = rows[:, : L.latent_dim], rows[:, L.latent_dim :]
-        return lat.float(), rope.float().view(seq_len, L.rope_heads, L.rope_head_dim)
+            lat, tail = rows[:, : L.latent_dim], rows[:, L.latent_dim :]
+        rope = tail[:, : L.rope_dim].float().view(seq_len, L.rope_heads, L.rope_head_dim)
+        key_scale = tail[:, L.rope_dim :].float() if L.key_scales else None
+        return lat.float(), rope, key_scale
 
     # -- absorbed decode with the Triton kernel ------------------------------------------------
     def decode(

@@ -3,9 +3,14 @@
 One row per token and layer (page = ``block_size`` rows, one "head" in vLLM's logical
 ``[blocks, heads, block_size, row]`` view):
 
-    plain ("auto")  [ latent c (W) | rope keys (R_H x R_D, head-major, rotated) ]   model/cache dtype
-    int4            [ packed latent (W/2 B) | W/G fp16 scales | R_H x R_D fp16 rope keys ]   uint8,
-                    byte layout and quantizer defined by ``vllm_latentkv.kernels.int4_pack``
+    plain ("auto")  [ latent c (W) | rope keys (R_H x R_D, head-major, rotated) | key scales (K) ]
+                    model/cache dtype
+    int4            [ packed latent (W/2 B) | W/G fp16 scales | R_H x R_D fp16 rope keys | K fp16 key scales ]
+                    uint8, byte layout and quantizer defined by ``vllm_latentkv.kernels.int4_pack``
+                    (the key scales ride along as extra "rope" columns: the packer stores them in fp16)
+
+Key scales (K = G, else 0): partial RoPE on a q/k-norm source caches 1/rms(k) of every KV head
+(``latentkv.format.caches_key_scale``); the Triton kernels do not read them, the torch path does.
 
 The spec is vLLM's ``MLAAttentionSpec`` (``num_kv_heads = 1``, ``head_size = W + R_H R_D``).
 For INT4 ``state_content_bytes`` is the packed row (``int4_row_bytes``), so page bytes and
@@ -21,7 +26,7 @@ import torch
 
 from latentkv import format as fmt
 
-# Row layouts the per-token cache supports; key scales (partial RoPE on q/k-norm sources) are not.
+# Row layouts the per-token cache supports.
 CACHE_DTYPES = fmt.CACHE_DTYPES
 
 
@@ -42,20 +47,26 @@ class LatentCacheLayout:
     dtype: torch.dtype  # element dtype of the plain cache (ignored for int4)
     int4: bool = False
     group_size: int = 32
+    key_scales: int = 0  # K: one 1/rms(k) per KV head (partial RoPE on q/k-norm sources), else 0
 
     @property
     def rope_dim(self) -> int:
         return self.rope_heads * self.rope_head_dim
 
     @property
+    def tail_dim(self) -> int:
+        """Values after the latent: rope keys and key scales (the int4 packer's fp16 part)."""
+        return self.rope_dim + self.key_scales
+
+    @property
     def width(self) -> int:
-        """Values per token: W + R_H R_D (the spec's head_size)."""
-        return self.latent_dim + self.rope_dim
+        """Values per token: W + R_H R_D + K (the spec's head_size)."""
+        return self.latent_dim + self.tail_dim
 
     @property
     def row_bytes(self) -> int:
         if self.int4:
-            return int4_row_bytes(self.latent_dim, self.rope_dim, self.group_size)
+            return int4_row_bytes(self.latent_dim, self.tail_dim, self.group_size)
         return self.width * torch.empty((), dtype=self.dtype).element_size()
 
     @property
@@ -66,12 +77,6 @@ class LatentCacheLayout:
     def for_layer(
         cls, layer: fmt.LatentLayer, spec: fmt.LatentKVSpec, dtype: torch.dtype, where: str = "layer"
     ) -> "LatentCacheLayout":
-        if fmt.caches_key_scale(layer, spec):
-            raise NotImplementedError(
-                f"{where}: partial RoPE on a q/k-norm source caches key scales, which the latentkv vLLM "
-                "backend does not implement yet; serve it with the reference model or reconvert with "
-                "rope_mode='full'"
-            )
         int4 = spec.cache_dtype == "int4"
         W = layer.latent.width
         if int4 and (W % spec.int4_group_size or spec.int4_group_size & (spec.int4_group_size - 1)):
@@ -80,7 +85,8 @@ class LatentCacheLayout:
                 f"int4_group_size ({spec.int4_group_size}, a power of two >= 4); pass e.g. "
                 f"--hf-overrides '{{\"latent_kv_int4_group_size\": {_largest_pow2_divisor(W)}}}'"
             )
-        return cls(W, layer.num_rope_heads, layer.rope_head_dim, dtype, int4, spec.int4_group_size)
+        key_scales = len(layer.rope_pairs) if fmt.caches_key_scale(layer, spec) else 0  # partial: R_H = G
+        return cls(W, layer.num_rope_heads, layer.rope_head_dim, dtype, int4, spec.int4_group_size, key_scales)
 
     def make_spec(self, block_size: int):
         """vLLM's MLAAttentionSpec for this layout (packed bytes for int4)."""

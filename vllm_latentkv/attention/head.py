@@ -6,6 +6,8 @@
                   The CPU platform's paged backend stores K and V at one head size, so when
                   r_k != r_v both are zero-padded to max(r_k, r_v) (exact; the cache then holds
                   2 G max(r_k, r_v) values per token instead of G (r_k + r_v)).
+    q/k norms     (q/k-norm sources, Qwen3) per-head RMSNorm with [d_h] gains on q and k before RoPE,
+                  as in the source model.
 """
 
 from __future__ import annotations
@@ -36,12 +38,11 @@ class HeadAttention(nn.Module):
         cache_config: CacheConfig | None = None,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
+        eps: float = 1e-6,
     ) -> None:
         super().__init__()
         layer = spec.layers[layer_idx]
         where = f"latent_kv.layers[{layer_idx}]"
-        if spec.qk_norm:
-            raise NotImplementedError(f"{where}: q/k-norm sources (qk_norm=true) are not supported by the latentkv vLLM plugin yet")
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
         if H % tp or G % tp:
@@ -65,6 +66,12 @@ class HeadAttention(nn.Module):
 
             self.k_reduce.weight_loader = load_k_reduce
         self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64)
+        self.eps = eps
+        if spec.qk_norm:  # replicated [d_h] gains, default loader
+            self.q_norm = _HeadNorm(d_h)
+            self.k_norm = _HeadNorm(d_h)
+        else:
+            self.q_norm = self.k_norm = None
         self.attn = Attention(
             self.H_l, self.d_c, layer.softmax_scale, num_kv_heads=self.G_l,
             cache_config=cache_config, quant_config=quant_config, prefix=f"{prefix}.attn",
@@ -75,8 +82,11 @@ class HeadAttention(nn.Module):
         q, _ = self.q_proj(hidden_states)
         k, _ = self.k_proj(hidden_states)
         v, _ = self.v_proj(hidden_states)
-        q = rope(q.view(T, self.H_l, self.d_h), positions, self.source_freqs)
-        k = rope(k.view(T, self.G_l, self.d_h), positions, self.source_freqs)
+        q, k = q.view(T, self.H_l, self.d_h), k.view(T, self.G_l, self.d_h)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q, self.eps), self.k_norm(k, self.eps)
+        q = rope(q, positions, self.source_freqs)
+        k = rope(k, positions, self.source_freqs)
         v = v.view(T, self.G_l, self.d_v)
         if self.reduced:
             rep = self.H_l // self.G_l
@@ -88,3 +98,15 @@ class HeadAttention(nn.Module):
         o = o.view(T, self.H_l, pad)[..., : self.d_v].reshape(T, self.H_l * self.d_v)
         out, _ = self.o_proj(o)
         return out
+
+
+class _HeadNorm(nn.Module):
+    """RMSNorm over the head dim with a [d_h] gain (the reference model's RMSNorm)."""
+
+    def __init__(self, d_h: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_h), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return self.weight * y.to(x.dtype)

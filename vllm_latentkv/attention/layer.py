@@ -30,7 +30,15 @@ Decode ("absorb", MHA2MLA App. B / DeepSeek-V2 eq. 10 absorbed), one query token
     o_h   = W_uv[g(h)] (sum_t softmax(scale s_h)_t c_v,t[chunk]) + b_v
 
 Full RoPE caches the latent only; its keys are rebuilt (and rotated) at attention time, only
-the values are absorbed. Latent groups (Palu, n_grp > 1) reach the kernel as a query that is
+the values are absorbed.
+
+q/k-norm sources (Qwen3, ``qk_norm``): gains [G, d_h] per KV head (``q_norm``, ``k_norm``), in
+each head's dim order. Queries are normed before RoPE. Full: rebuilt keys are normed per KV head,
+then rotated. Partial with all pairs kept (d_n = 0): the rope key is the whole key, normed before
+RoPE. Partial with NoPE dims: the row gains G key scales, ``[c | rope keys | s]`` with
+s_g = 1/rms([W_uk[g] c_k + b_k | raw rope key g]), cached rope key = gain_rope s raw (rotated);
+the NoPE score of key t is s_t,g (q_nope gain_nope) . (W_uk c_k,t + b_k) (the b_k term is then no
+longer constant over t and is kept). Key-scale layers take the torch path. Latent groups (Palu, n_grp > 1) reach the kernel as a query that is
 zero outside its chunk, so one pass over the page serves all groups.
 """
 
@@ -82,10 +90,6 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         layer = spec.layers[layer_idx]
         assert isinstance(layer, fmt.LatentLayer)
         where = f"latent_kv.layers[{layer_idx}]"
-        if spec.qk_norm:
-            raise NotImplementedError(
-                f"{where}: q/k-norm sources (qk_norm=true) are not supported by the latentkv vLLM backend yet"
-            )
         self.layer, self.layer_name = layer, prefix
         tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
@@ -112,6 +116,19 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         )
         self.v_b_proj = ColumnParallelLinear(self.r_v, G * d_h, bias=bias, quant_config=None, prefix=f"{prefix}.v_b_proj")
         self.o_proj = RowParallelLinear(H * d_h, D, bias=False, quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.key_scale = fmt.caches_key_scale(layer, spec)
+        if self.key_scale and tp > 1:
+            raise NotImplementedError(
+                f"{where}: key scales (partial RoPE on a q/k-norm source) need every KV head's W_uk on each "
+                "rank; tensor parallelism is not supported for them yet"
+            )
+        self.qk_norm = spec.qk_norm
+        self.eps = float(getattr(vllm_config.model_config.hf_config, "rms_norm_eps", 1e-6)) if vllm_config.model_config is not None else 1e-6
+        if self.qk_norm:
+            # [G, d_h] gains; this rank keeps its KV heads' rows for queries / NoPE keys, and all
+            # G rows for k_norm when the (replicated) rope keys of every head are normed here.
+            self.q_norm = _Gains(G, d_h, rank * self.G_l, self.G_l)
+            self.k_norm = _Gains(G, d_h, 0, G) if self.R_H else _Gains(G, d_h, rank * self.G_l, self.G_l)
 
         # Index maps of this rank's heads (global indices where the format needs them).
         h_glob = torch.arange(self.H_l) + rank * self.H_l
@@ -161,11 +178,15 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         T = hidden_states.shape[0]
         q, _ = self.q_proj(hidden_states)
         q = q.view(T, self.H_l, self.d_n + self.R_D)
+        if self.qk_norm:
+            q = self._norm(q, self.q_norm.weight[self.kv_of_head])
         q_nope, q_rope = q.split((self.d_n, self.R_D), dim=-1)
         kv, _ = self.kv_a_proj(hidden_states)
         c, k_rope = kv.split((self.W, self.R_H * self.R_D), dim=-1)
+        key_scale = None
         if self.R_H:
-            k_rope = rope(k_rope.view(T, self.R_H, self.R_D), positions, self.rope_freqs).flatten(1)
+            k_rope, key_scale = self._new_rope_keys(c, k_rope.view(T, self.R_H, self.R_D))
+            k_rope = rope(k_rope, positions, self.rope_freqs).flatten(1)
             q_rope = rope(q_rope, positions, self.q_rope_freqs)
         if self.full:
             q_nope = rope(q_nope, positions, self.source_freqs)
@@ -180,7 +201,8 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         if meta is not None:  # None: profiling / dummy run, nothing cached to attend to
             slots = ctx.slot_mapping
             slots = slots.get(self.layer_name, meta.slot_mapping) if isinstance(slots, dict) else meta.slot_mapping
-            self.impl.write(c, k_rope, self.kv_cache, slots)
+            tail = k_rope if key_scale is None else torch.cat((k_rope, key_scale.to(k_rope.dtype)), dim=-1)
+            self.impl.write(c, tail, self.kv_cache, slots)
             self._attend_all(q_nope.float(), q_rope.float(), meta, o)
         out, _ = self.o_proj(o.to(hidden_states.dtype).view(T, self.H_l * self.d_h))
         return out
@@ -196,12 +218,37 @@ class LatentAttention(nn.Module, AttentionLayerBase):
             start, end = qsl[r], qsl[r + 1]
             if end == start or r in kernel_done:
                 continue
-            lat, rope_k = self.impl.read(self.kv_cache, meta.block_table[r], seq_len)
-            o[start:end] = self._attend(q_nope[start:end], q_rope[start:end], lat, rope_k, absorb=end - start == 1)
+            lat, rope_k, key_scale = self.impl.read(self.kv_cache, meta.block_table[r], seq_len)
+            o[start:end] = self._attend(q_nope[start:end], q_rope[start:end], lat, rope_k, absorb=end - start == 1,
+                                        key_scale=key_scale)
+
+    # -- q/k norms ----------------------------------------------------------------------------
+    def _norm(self, x: torch.Tensor, gain: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """gain * x / rms(x) per head (the reference's GroupedRMSNorm): x [T, heads, d], gain [heads, d];
+        ``scale`` [T, heads] replaces 1/rms(x) (key scales computed over the whole key)."""
+        if scale is None:
+            scale = torch.rsqrt(x.float().pow(2).mean(-1) + self.eps)
+        return (gain.float() * (x.float() * scale[..., None])).to(x.dtype)
+
+    def _new_rope_keys(self, c: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Raw rope keys [T, R_H, R_D] -> normed (not yet rotated) and, for key-scale layers, the
+        key scales [T, G] (latentkv.modeling.LatentAttention._new_rope_keys)."""
+        if not self.qk_norm:
+            return k_rope, None
+        gain = self.k_norm.weight  # [G, d_h] (all heads: R_H = G in partial mode)
+        if not self.key_scale:  # all pairs kept: the rope key is the whole key
+            return self._norm(k_rope, gain), None
+        w_uk, b_k = self._w(self.k_b_proj, self.d_n)
+        k_nope = torch.einsum("tgr,gdr->tgd", self._chunks(c.float(), self.k_slice), w_uk)
+        if b_k is not None:
+            k_nope = k_nope + b_k
+        scale = torch.rsqrt(torch.cat((k_nope, k_rope.float()), dim=-1).pow(2).mean(-1) + self.eps)  # [T, G]
+        return self._norm(k_rope, gain[:, self.d_n:], scale), scale
 
     # -- the math (pure torch, fp32) ----------------------------------------------------------
-    def _attend(self, q_nope, q_rope, lat, rope_k, absorb: bool) -> torch.Tensor:
-        """One request: q [L, H_l, .] (its last L of S positions), cache rows lat [S, W], rope_k [S, R_H, R_D]."""
+    def _attend(self, q_nope, q_rope, lat, rope_k, absorb: bool, key_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """One request: q [L, H_l, .] (its last L of S positions), cache rows lat [S, W], rope_k [S, R_H, R_D],
+        key scales [S, G] (key-scale layers)."""
         L, S = q_nope.shape[0], lat.shape[0]
         heads = self.kv_of_head
         scores = q_nope.new_zeros(self.H_l, L, S)
@@ -209,12 +256,23 @@ class LatentAttention(nn.Module, AttentionLayerBase):
             c_k = self._chunks(lat, self.k_slice)  # [S, G_l, r_k']
             w_uk, b_k = self._w(self.k_b_proj, self.d_n)
             if absorb and not self.full:
+                if self.key_scale:  # NoPE gains go to the query, the key's scale to its score
+                    q_nope = q_nope * self.k_norm.weight[heads, : self.d_n].float()
                 q_lat = torch.einsum("lhd,hdr->lhr", q_nope, w_uk[heads])  # q~ = W_uk^T q_nope
-                scores += torch.einsum("lhr,shr->hls", q_lat, c_k[:, heads])
+                nope = torch.einsum("lhr,shr->hls", q_lat, c_k[:, heads])
+                if self.key_scale:
+                    if b_k is not None:  # q . b_k is scaled per key: no longer a softmax shift
+                        nope = nope + torch.einsum("lhd,hd->hl", q_nope, b_k[heads])[..., None]
+                    nope = nope * key_scale[:, heads].T[:, None, :]
+                scores += nope
             else:
                 k = torch.einsum("sgr,gdr->sgd", c_k, w_uk)  # keys rebuilt from the latent
                 if b_k is not None:
                     k = k + b_k
+                if self.key_scale:
+                    k = self._norm(k, self.k_norm.weight[:, : self.d_n], key_scale)
+                elif self.qk_norm:  # full: the whole key is rebuilt, normed per KV head
+                    k = self._norm(k, self.k_norm.weight)
                 if self.full:
                     k = rope(k, torch.arange(S, device=k.device), self.source_freqs)
                 scores += torch.einsum("lhd,shd->hls", q_nope, k[:, heads])
@@ -238,7 +296,8 @@ class LatentAttention(nn.Module, AttentionLayerBase):
     # -- absorbed decode on the Triton kernel -------------------------------------------------
     def _kernel_decode_ok(self, device: torch.device) -> bool:
         # Kernel: one k range over the whole latent, rope slot h // (H / R_H) of the local head.
-        return not self.full and self.d_n > 0 and self.R_H > 0 and self.tp == 1 and triton_usable(device)
+        return (not self.full and not self.key_scale and self.d_n > 0 and self.R_H > 0 and self.tp == 1
+                and triton_usable(device))
 
     def _kernel_decode(self, q_nope, q_rope, meta: LatentKVMetadata) -> torch.Tensor:
         B = q_nope.shape[0]
@@ -261,3 +320,18 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         if b_v is not None:
             o = o + b_v[heads]
         return o
+
+
+class _Gains(nn.Module):
+    """Per-KV-head RMSNorm gains ``weight`` [n, d_h]: rows [first, first + n) of the checkpoint's [G, d_h]."""
+
+    def __init__(self, G: int, d_h: int, first: int, n: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n, d_h), requires_grad=False)
+
+        def load(param: nn.Parameter, loaded: torch.Tensor) -> None:
+            if tuple(loaded.shape) != (G, d_h):
+                raise ValueError(f"q/k norm gains have shape {tuple(loaded.shape)}, expected {(G, d_h)}")
+            param.data.copy_(loaded[first : first + n])
+
+        self.weight.weight_loader = load

@@ -1,0 +1,101 @@
+"""q/k-norm sources (Qwen3: per-head q/k RMSNorm) in the engine vs the reference model.
+
+Subject: a random GQA Qwen3 (4 query / 2 KV heads, head_dim 16, norm gains made non-uniform),
+converted three ways; one engine each (chunked prefill in 48-token steps, prefix caching):
+
+* full RoPE, split latent, layer 1 kept as a ``source`` layer ([d_h] norms in vLLM's Attention):
+  rebuilt keys normed per KV head with the [G, d_h] gains, then rotated;
+* partial RoPE with NoPE dims (2 pairs per KV head, d_n = 12), layer 1 kept: the cache row is
+  ``[latent | rope keys | G key scales]``, the NoPE score scaled by the cached key scale;
+* partial RoPE with every pair kept (d_n = 0): the rope key is the whole key, normed before RoPE.
+
+Each: cache row width == the format's values per token, greedy continuations and teacher-forced
+prompt logprobs == reference (float32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from latentkv import format as fmt  # noqa: E402
+from test_latent_helpers import (  # noqa: E402
+    Engine,
+    convert_to,
+    latent_spec,
+    make_random_llama,
+    reference_greedy,
+    reference_logprobs,
+    reference_model,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+N_NEW = 16
+VOCAB = 256
+SOURCE = dict(family="qwen3", heads=4, kv_heads=2, head_dim=16, layers=3)
+CASES = {
+    "full": dict(rope_mode="full", svd="split", ranks=[48, 40, 56], keep_layers=[1]),
+    "partial_nope": dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[24, 32, 20],
+                         keep_layers=[1]),
+    "partial_all_pairs": dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, svd="joint", ranks=[24, 32, 20]),
+}
+
+
+def _prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 40, 70)]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_random_llama(tmp_path_factory.mktemp("qwen3") / "src", vocab=VOCAB, **SOURCE)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, source, tmp_path_factory):
+    name = request.param
+    latent = convert_to(source, tmp_path_factory.mktemp(name) / "latent", **CASES[name])
+    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
+                    skip_tokenizer_init=True)
+    yield name, latent, reference_model(latent), engine
+    engine.close()
+
+
+def test_cache_rows_hold_what_the_format_says(case):
+    name, latent, _, engine = case
+    spec, dims = latent_spec(latent)
+    assert spec.qk_norm and spec.source.model_type == "qwen3"
+    caches = engine.layer_caches()
+    rows = [shape[-1] for impl, _, shape in caches.values() if impl == "LatentKVAttentionImpl"]
+    latent_layers = [layer for layer in spec.layers if layer.kind == "latent"]
+    assert rows == [fmt.cache_values_per_token(layer, spec, dims) for layer in latent_layers]
+    G = dims.num_key_value_heads
+    if name == "full":
+        assert rows == [layer.latent.width for layer in latent_layers]
+    elif name == "partial_nope":
+        assert all(fmt.caches_key_scale(layer, spec) for layer in latent_layers)
+        assert rows == [layer.latent.width + G * layer.rope_head_dim + G for layer in latent_layers]
+    else:
+        assert all(layer.qk_nope_head_dim == 0 and not fmt.caches_key_scale(layer, spec) for layer in latent_layers)
+    if name != "partial_all_pairs":
+        assert [layer.kind for layer in spec.layers] == ["latent", "source", "latent"]
+
+
+def test_greedy_matches_reference(case):
+    _, _, ref, engine = case
+    prompts = _prompts()
+    outs = engine.greedy(prompts, N_NEW)
+    for p, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, N_NEW), len(p)
+    again = engine.greedy([prompts[-1]], N_NEW)[0]  # prefix-cached prompt: rows (and key scales) read back
+    assert again.num_cached_tokens > 0
+    assert list(again.outputs[0].token_ids) == list(outs[-1].outputs[0].token_ids)
+
+
+def test_prompt_logprobs_match_reference(case):
+    _, _, ref, engine = case
+    ids = _prompts()[-1]
+    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
