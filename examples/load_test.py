@@ -184,9 +184,19 @@ def first_model(base_url: str, api_key: str | None = None, timeout: float = 10.0
 
 
 def one_request(
-    base_url: str, model: str, prompt: str, max_tokens: int, stream: bool, api_key: str | None, timeout: float
+    base_url: str,
+    model: str,
+    prompt: str | list[int],
+    max_tokens: int,
+    stream: bool,
+    api_key: str | None,
+    timeout: float,
+    extra_body: dict | None = None,
 ) -> RequestResult:
+    """One completion. `prompt` may be text or a list of token ids (vLLM takes both);
+    `extra_body` adds request fields, e.g. {"ignore_eos": True} (vLLM sampling extras)."""
     payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
+    payload.update(extra_body or {})
     if stream:
         payload["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
@@ -240,18 +250,20 @@ def run_load_test(
     model: str | None = None,
     n_requests: int = 8,
     concurrency: int = 4,
-    prompt: str = DEFAULT_PROMPT,
+    prompt: str | list[int] = DEFAULT_PROMPT,
     max_tokens: int = 32,
     stream: bool = True,
     request_timeout_s: float = 120.0,
     max_duration_s: float = 600.0,
     api_key: str | None = None,
+    extra_body: dict | None = None,
 ) -> LoadTestResult:
     """Send `n_requests` completions, at most `concurrency` in flight, and summarize them.
 
     Requests not started within `max_duration_s` of the start are recorded as failed
     ("not started: time limit"), so the run always ends within about
-    max_duration_s + request_timeout_s.
+    max_duration_s + request_timeout_s. `prompt` may be a list of token ids and `extra_body`
+    adds fields to every request (see one_request).
     """
     if n_requests < 1 or concurrency < 1:
         raise ValueError("n_requests and concurrency must be >= 1")
@@ -263,7 +275,7 @@ def run_load_test(
     def task(_: int) -> RequestResult:
         if time.perf_counter() > deadline:
             return RequestResult(ok=False, latency_s=0.0, error="not started: time limit")
-        return one_request(base, model, prompt, max_tokens, stream, api_key, request_timeout_s)
+        return one_request(base, model, prompt, max_tokens, stream, api_key, request_timeout_s, extra_body)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=min(concurrency, n_requests)) as pool:

@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Serving benchmark: source vs converted (latent KV) vs converted + INT4 cache, through `vllm serve`.
+
+For each variant one `vllm serve MODEL` subprocess is started on 127.0.0.1 (free port, bounded wait
+for /health, stopped by process group). The INT4 variant is the converted model with
+``--hf-overrides '{"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": G}'``.
+At every context N, requests whose prompt is exactly N token ids (``/v1/completions`` with
+``prompt`` = list of ints, greedy, ``ignore_eos``, ``max_tokens`` M, streaming) are sent at most C
+at a time; each request has a different prompt, and prefix caching is off, so every request
+prefills N tokens. Per (variant, N) it reports medians and p90 of time to first token (TTFT),
+time per output token (TPOT = decode time / (tokens - 1)), end-to-end latency, output tokens/s,
+and the ratio to the source measured in the same run: decode speed-up = source TPOT p50 /
+variant TPOT p50. Writes ``benchmarks/results/serving_<tag>.md`` (table), ``.png`` (decode
+ms/token vs context) and ``.json`` (every request).
+
+GPU box (one model pair, contexts 1K..32K):
+
+    python benchmarks/serving.py --source /models/Llama-3.1-8B-Instruct \\
+        --converted /models/llama-3.1-8b-latent --int4-group-size 32 --tag llama8b_h100
+
+CPU smoke (this repo's stories260K, real vLLM engine on the latentkv CPU reference platform;
+says nothing about GPU speed):
+
+    python benchmarks/serving.py --cpu-smoke
+
+The HTTP client is examples/load_test.py (one_request/summarize/percentile). Only 127.0.0.1 is
+contacted; request counts, per-request timeouts, per-point wall time and server start time are
+bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
+CPU_SMOKE_CONTEXTS = [64, 128, 256, 448]
+CPU_NOTE = (
+    "**CPU reference platform run: these numbers say nothing about GPU speed.** The latentkv CPU "
+    "platform's attention is a pure-PyTorch python loop over requests and layers, so decode time "
+    "here is dominated by interpreter overhead, not by KV-cache bytes read; it only shows that the "
+    "benchmark runs end to end against the real vLLM engine for all three variants."
+)
+
+
+def _load_client():
+    """examples/load_test.py (not a package): the bounded HTTP client and percentile math."""
+    name = "latentkv_load_test"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / "load_test.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses need the module registered
+    spec.loader.exec_module(mod)
+    return mod
+
+
+lt = _load_client()
+percentile = lt.percentile
+
+
+# --------------------------------------------------------------------------------------------
+# Pure parts (tests/test_serving_benchmark.py)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Variant:
+    name: str
+    model: str
+    hf_overrides: dict | None = None
+    cache_bytes_per_token: int | None = None  # KV-cache bytes per token (all layers), if known
+
+
+@dataclass
+class Point:
+    """One (variant, context) measurement: summarize() of load_test plus bookkeeping."""
+
+    variant: str
+    context: int
+    summary: dict
+    prompt_tokens_ok: bool = True  # every successful request reported usage.prompt_tokens == context
+    results: list = field(default_factory=list)
+
+
+def make_prompts(n_tokens: int, count: int, vocab_size: int, seed: int = 0, avoid: set[int] | frozenset = frozenset(),
+                 low: int = 3) -> list[list[int]]:
+    """`count` different prompts of exactly `n_tokens` token ids in [low, vocab_size), none in `avoid`
+    (BOS/EOS/pad). Different first tokens keep requests from sharing any cached prefix block."""
+    if n_tokens < 1 or count < 1:
+        raise ValueError("n_tokens and count must be >= 1")
+    pool = [t for t in range(low, vocab_size) if t not in avoid]
+    if len(pool) < 2:
+        raise ValueError(f"vocabulary too small ({vocab_size}) for synthetic prompts")
+    rng = random.Random(f"{seed}:{n_tokens}")
+    prompts = []
+    for i in range(count):
+        p = [rng.choice(pool) for _ in range(n_tokens)]
+        p[0] = pool[i % len(pool)]
+        prompts.append(p)
+    return prompts
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den, NaN when either side is missing or den is 0."""
+    if not (_finite(num) and _finite(den)) or den == 0:
+        return math.nan
+    return num / den
+
+
+def add_ratios(points: list[Point], baseline: str = "source") -> dict[tuple[str, int], dict]:
+    """Per (variant, context): decode speed-up (baseline TPOT p50 / TPOT p50), TTFT and latency
+    ratios (variant p50 / baseline p50) and throughput ratio (variant tok/s / baseline tok/s)."""
+    base = {p.context: p.summary for p in points if p.variant == baseline}
+    out = {}
+    for p in points:
+        b = base.get(p.context, {})
+        s = p.summary
+        out[(p.variant, p.context)] = {
+            "decode_speedup": ratio(b.get("tpot_s_p50", math.nan), s.get("tpot_s_p50", math.nan)),
+            "ttft_ratio": ratio(s.get("ttft_s_p50", math.nan), b.get("ttft_s_p50", math.nan)),
+            "latency_ratio": ratio(s.get("latency_s_p50", math.nan), b.get("latency_s_p50", math.nan)),
+            "throughput_ratio": ratio(s.get("throughput_tok_s", math.nan), b.get("throughput_tok_s", math.nan)),
+        }
+    return out
+
+
+def _ms(x) -> str:
+    return f"{x * 1000:.2f}" if _finite(x) else "-"
+
+
+def _x(x) -> str:
+    return f"{x:.2f}x" if _finite(x) else "-"
+
+
+def format_markdown_table(points: list[Point], variants: list[Variant] | None = None, baseline: str = "source") -> str:
+    """Markdown table, one row per (context, variant), contexts ascending, variants in run order."""
+    ratios = add_ratios(points, baseline)
+    order = {v.name: i for i, v in enumerate(variants or [])}
+    cache = {v.name: v.cache_bytes_per_token for v in variants or []}
+    base_cache = cache.get(baseline)
+    rows = sorted(points, key=lambda p: (p.context, order.get(p.variant, len(order)), p.variant))
+    head = ("| context | variant | KV bytes/token (cache vs source) | ok/requests | TTFT p50 / p90 (ms) "
+            "| decode ms/token p50 / p90 | latency p50 / p90 (ms) | output tok/s | decode speed-up vs source "
+            "| tok/s vs source |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for p in rows:
+        s, r = p.summary, ratios[(p.variant, p.context)]
+        cb = cache.get(p.variant)
+        cache_txt = "-" if cb is None else (f"{cb} ({cb / base_cache:.1%})" if base_cache else f"{cb}")
+        ok = f"{s.get('succeeded', 0)}/{s.get('requests', 0)}" + ("" if p.prompt_tokens_ok else " (prompt len!)")
+        tput = s.get("throughput_tok_s", math.nan)
+        lines.append(
+            f"| {p.context} | {p.variant} | {cache_txt} | {ok} "
+            f"| {_ms(s.get('ttft_s_p50'))} / {_ms(s.get('ttft_s_p90'))} "
+            f"| {_ms(s.get('tpot_s_p50'))} / {_ms(s.get('tpot_s_p90'))} "
+            f"| {_ms(s.get('latency_s_p50'))} / {_ms(s.get('latency_s_p90'))} "
+            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['throughput_ratio'])} |"
+            if _finite(tput) else
+            f"| {p.context} | {p.variant} | {cache_txt} | {ok} | - | - | - | - | - | - |"
+        )
+    return "\n".join(lines)
+
+
+def speedup_summary(points: list[Point], baseline: str = "source") -> list[str]:
+    """One line per non-baseline variant: decode speed-up at the largest context measured."""
+    ratios = add_ratios(points, baseline)
+    out = []
+    names = []
+    for p in points:
+        if p.variant != baseline and p.variant not in names:
+            names.append(p.variant)
+    for name in names:
+        ctxs = sorted(c for (v, c), r in ratios.items() if v == name and _finite(r["decode_speedup"]))
+        if ctxs:
+            c = ctxs[-1]
+            out.append(f"- {name}: decode speed-up vs {baseline} at context {c}: "
+                       f"**{ratios[(name, c)]['decode_speedup']:.2f}x** (TPOT p50 ratio)")
+    return out
+
+
+def check_prompt_tokens(results, context: int) -> bool:
+    """Every successful request reported exactly `context` prompt tokens (0 = server gave no usage)."""
+    return all(r.prompt_tokens in (context, 0) for r in results if r.ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Server and requests
+# --------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def log_errors(log: str, max_lines: int = 25) -> str:
+    """The lines of a vllm serve log that say what went wrong (exceptions and ERROR records,
+    not traceback frames), or the log's tail when there are none."""
+    keep = [ln for ln in log.splitlines()
+            if ("Error" in ln or " ERROR " in ln or "Exception" in ln) and not ln.lstrip().startswith("File ")
+            and "ulimit" not in ln]
+    return "\n".join(keep[-max_lines:]) if keep else "\n".join(log.splitlines()[-max_lines:])
+
+
+class Server:
+    """`vllm serve` in its own process group on 127.0.0.1; a context manager."""
+
+    def __init__(self, variant: Variant, *, max_model_len: int, dtype: str, extra_args: list[str], env: dict,
+                 log_path: Path, start_timeout_s: float):
+        self.variant, self.log_path, self.start_timeout_s = variant, log_path, start_timeout_s
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [
+            sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", variant.model,
+            "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", variant.name,
+            "--max-model-len", str(max_model_len), "--dtype", dtype, "--seed", "0",
+            "--no-enable-prefix-caching", *extra_args,
+        ]
+        if variant.hf_overrides:
+            self.cmd += ["--hf-overrides", json.dumps(variant.hf_overrides)]
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Server":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[{self.variant.name}] {shlex.join(self.cmd)}\n  log: {self.log_path}", flush=True)
+        with open(self.log_path, "wb") as fh:
+            self.proc = subprocess.Popen(self.cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True, cwd=str(ROOT))
+        t0 = time.monotonic()
+        while not _healthy(self.base_url + "/health"):
+            if self.proc.poll() is not None or time.monotonic() - t0 > self.start_timeout_s:
+                why = "exited" if self.proc.poll() is not None else f"not healthy within {self.start_timeout_s:.0f} s"
+                self.stop()
+                raise ServerStartError(f"vllm serve ({self.variant.name}) {why}; errors in its log:\n"
+                                       + log_errors(self.log_path.read_text(errors="replace")))
+            time.sleep(1.0)
+        print(f"[{self.variant.name}] healthy after {time.monotonic() - t0:.0f} s", flush=True)
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait until every process of it is gone (engine core and
+        workers too, so the next variant starts on a quiet machine), SIGKILL after 60 s."""
+        p = self.proc
+        if p is None:
+            return
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            p.poll()
+            try:
+                os.killpg(p.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.5)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=20)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_point(base_url: str, model: str, prompts: list[list[int]], *, max_tokens: int, concurrency: int,
+              request_timeout_s: float, max_duration_s: float) -> tuple[dict, list]:
+    """Send every prompt (at most `concurrency` in flight) and summarize with load_test.summarize.
+    No request starts after `max_duration_s` (it is recorded as failed)."""
+    extra = {"ignore_eos": True, "min_tokens": max_tokens}
+    deadline = time.perf_counter() + max_duration_s
+
+    def task(prompt):
+        if time.perf_counter() > deadline:
+            return lt.RequestResult(ok=False, latency_s=0.0, error="not started: time limit")
+        return lt.one_request(base_url, model, prompt, max_tokens, True, None, request_timeout_s, extra)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=min(concurrency, len(prompts))) as pool:
+        results = list(pool.map(task, prompts))
+    wall = time.perf_counter() - t0
+    return lt.summarize(results, wall), results
+
+
+def model_info(path: Path) -> dict:
+    cfg = json.loads((path / "config.json").read_text())
+    return cfg.get("text_config", cfg) if "vocab_size" not in cfg else cfg
+
+
+def cache_bytes(source: Path, converted: Path, dtype: str, group: int) -> dict[str, int | None]:
+    """KV-cache bytes per token of the three variants (format arithmetic; None if unavailable)."""
+    out = {"source": None, "converted": None, "converted+int4": None}
+    try:
+        import torch
+
+        from latentkv import format as fmt
+        from vllm_latentkv.attention.cache import cache_bytes_per_token
+
+        cfg = json.loads((converted / "config.json").read_text())
+        tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            dtype if dtype != "auto" else str(cfg.get("torch_dtype", cfg.get("dtype", "bfloat16"))).replace("torch.", ""),
+            torch.bfloat16)
+        spec, dims = fmt.load_spec(cfg)
+        elt = torch.empty((), dtype=tdt).element_size()
+        rep = fmt.kv_bytes_report(spec, dims, element_bytes=elt)
+        out["source"] = rep["source_bytes_per_token"]
+        out["converted"] = cache_bytes_per_token(spec, dims, tdt)
+        out["converted+int4"] = cache_bytes_per_token(
+            spec.model_copy(update={"cache_dtype": "int4", "int4_group_size": group}), dims, tdt)
+    except Exception as exc:  # noqa: BLE001 - a missing column, not a failed benchmark
+        print(f"note: KV bytes/token not computed ({type(exc).__name__}: {exc})", flush=True)
+    return out
+
+
+def plot(points: list[Point], variants: list[Variant], path: Path, title: str, cpu: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = add_ratios(points)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for v in variants:
+        ps = sorted((p for p in points if p.variant == v.name and _finite(p.summary.get("tpot_s_p50"))),
+                    key=lambda p: p.context)
+        if not ps:
+            continue
+        xs = [p.context for p in ps]
+        a.plot(xs, [p.summary["tpot_s_p50"] * 1000 for p in ps], "o-", label=v.name)
+        a.fill_between(xs, [p.summary["tpot_s_p50"] * 1000 for p in ps],
+                       [p.summary["tpot_s_p90"] * 1000 for p in ps], alpha=0.15)
+        b.plot(xs, [ratios[(v.name, c)]["decode_speedup"] for c in xs], "o-", label=v.name)
+    for ax in (a, b):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (prompt tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    a.set_ylabel("decode ms / output token (p50, band to p90)")
+    b.set_ylabel("decode speed-up vs source (TPOT p50 ratio)")
+    b.axhline(1.0, color="grey", lw=0.8)
+    fig.suptitle(title + ("\nCPU reference platform: says nothing about GPU speed" if cpu else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def build_cpu_smoke_models(workdir: Path, group: int) -> tuple[Path, Path]:
+    """Real stories260K imported and converted (partial RoPE, 1 pair per KV head, kv_ratio 0.25:
+    latent width 8 per layer, so INT4 group 8 fits)."""
+    sys.path.insert(0, str(ROOT))
+    from converters.convert import ConvertOptions, convert
+    from converters.importers.llama2c import import_llama2c, packaged_stories260k
+
+    src = import_llama2c(*packaged_stories260k(), workdir / "stories260K")
+    conv = workdir / "stories260K-latent"
+    convert(src, conv, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=1, kv_ratio=0.25),
+            progress=False)
+    return src, conv
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--source", type=Path, help="source HF checkpoint directory")
+    p.add_argument("--converted", type=Path, help="latent-KV checkpoint converted from --source")
+    p.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)), help="prompt lengths in tokens")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
+    p.add_argument("--num-requests", type=int, default=16, help="measured requests per context (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per variant before measuring")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (ignore_eos)")
+    p.add_argument("--int4-group-size", type=int, default=32, help="must divide the latent width (latentkv inspect)")
+    p.add_argument("--variants", default="source,converted,converted+int4")
+    p.add_argument("--dtype", default="auto", help="vllm serve --dtype (default %(default)s)")
+    p.add_argument("--serve-args", default="", help="extra vllm serve arguments, one shell-quoted string "
+                   "(e.g. \"--gpu-memory-utilization 0.85 --max-num-seqs 16\")")
+    p.add_argument("--cpu-platform", action="store_true", help="LATENTKV_CPU_PLATFORM=1 for the servers")
+    p.add_argument("--cpu-smoke", action="store_true", help="stories260K on the CPU platform, small contexts")
+    p.add_argument("--start-retries", type=int, default=1, help="retries of a server start that fails")
+    p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--point-timeout", type=float, default=900.0, help="no request of a context starts after this")
+    p.add_argument("--tag", default=None, help="output name: benchmarks/results/serving_<tag>.md/.png/.json")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.cpu_smoke:
+        a.cpu_platform = True
+        a.dtype = "float32"
+        if a.contexts == ",".join(map(str, DEFAULT_CONTEXTS)):
+            a.contexts = ",".join(map(str, CPU_SMOKE_CONTEXTS))
+        for k, default, smoke in (("concurrency", 4, 2), ("num_requests", 16, 6), ("max_tokens", 128, 32),
+                                  ("int4_group_size", 32, 8), ("warmup", 2, 1)):
+            if getattr(a, k) == default:
+                setattr(a, k, smoke)
+        a.tag = a.tag or "cpu_smoke"
+    elif not (a.source and a.converted):
+        p.error("--source and --converted are required (or --cpu-smoke)")
+    a.contexts = [int(c) for c in a.contexts.split(",") if c.strip()]
+    a.tag = a.tag or "run"
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    if a.cpu_platform:
+        env["LATENTKV_CPU_PLATFORM"] = "1"
+        env.pop("VLLM_TARGET_DEVICE", None)  # it would make vLLM skip the out-of-tree platform
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = a.out_dir / f"serving_{a.tag}"
+    t_start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="latentkv_serving_") as tmp:
+        tmp = Path(tmp)
+        if a.cpu_smoke and not (a.source and a.converted):
+            a.source, a.converted = build_cpu_smoke_models(tmp, a.int4_group_size)
+        a.source, a.converted = a.source.resolve(), a.converted.resolve()
+        cb = cache_bytes(a.source, a.converted, a.dtype, a.int4_group_size)
+        all_variants = {
+            "source": Variant("source", str(a.source), None, cb["source"]),
+            "converted": Variant("converted", str(a.converted), None, cb["converted"]),
+            "converted+int4": Variant("converted+int4", str(a.converted),
+                                      {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": a.int4_group_size},
+                                      cb["converted+int4"]),
+        }
+        variants = [all_variants[v.strip()] for v in a.variants.split(",") if v.strip()]
+        info = model_info(a.source)
+        vocab = int(info["vocab_size"])
+        avoid = set()
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = info.get(k)
+            avoid.update(v if isinstance(v, list) else [v] if v is not None else [])
+        max_model_len = max(a.contexts) + a.max_tokens
+        limit = info.get("max_position_embeddings")
+        if limit and max_model_len > limit:
+            raise SystemExit(f"max context {max(a.contexts)} + max_tokens {a.max_tokens} > max_position_embeddings {limit}")
+        prompts = {n: make_prompts(n, a.num_requests, vocab, a.seed, avoid) for n in a.contexts}
+        warm = make_prompts(min(a.contexts), max(a.warmup, 1), vocab, a.seed + 1, avoid)
+        points: list[Point] = []
+        extra = shlex.split(a.serve_args)
+        failures: dict[str, str] = {}
+        for v in variants:
+            for attempt in range(1 + a.start_retries):
+                try:
+                    points += measure_variant(v, a, env, tmp / f"serve_{v.name}.log", max_model_len, extra, warm, prompts)
+                    failures.pop(v.name, None)
+                    break
+                except ServerStartError as exc:  # a start that fails is retried; a measurement is not
+                    failures[v.name] = str(exc)
+                    print(f"[{v.name}] start attempt {attempt + 1} failed:\n{exc}", flush=True)
+                    keep = a.out_dir / f"serving_{a.tag}_{v.name.replace('+', '_')}.log"
+                    keep.write_bytes((tmp / f"serve_{v.name}.log").read_bytes())
+                    print(f"  full log kept in {keep}", flush=True)
+                    time.sleep(5)
+    elapsed = time.monotonic() - t_start
+    write_outputs(a, stem, variants, points, elapsed, failures)
+    ok = not failures and all(p.summary["failed"] == 0 and p.prompt_tokens_ok for p in points)
+    return 0 if ok else 1
+
+
+def measure_variant(v: Variant, a, env: dict, log_path: Path, max_model_len: int, extra: list[str],
+                    warm: list[list[int]], prompts: dict[int, list[list[int]]]) -> list[Point]:
+    """Start the variant's server, warm it up, measure every context, stop it."""
+    points = []
+    with Server(v, max_model_len=max_model_len, dtype=a.dtype, extra_args=extra, env=env,
+                log_path=log_path, start_timeout_s=a.start_timeout) as srv:
+        if a.warmup:
+            s, _ = run_point(srv.base_url, v.name, warm[: a.warmup], max_tokens=a.max_tokens,
+                             concurrency=a.concurrency, request_timeout_s=a.request_timeout,
+                             max_duration_s=a.point_timeout)
+            if s["failed"]:
+                print(f"[{v.name}] warm-up: {s['failed']} failed: {s['errors']}", flush=True)
+        for n in a.contexts:
+            s, res = run_point(srv.base_url, v.name, prompts[n], max_tokens=a.max_tokens,
+                               concurrency=a.concurrency, request_timeout_s=a.request_timeout,
+                               max_duration_s=a.point_timeout)
+            pt = Point(v.name, n, s, check_prompt_tokens(res, n), res)
+            points.append(pt)
+            print(f"[{v.name}] context {n}: {s['succeeded']}/{s['requests']} ok, "
+                  f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(s['tpot_s_p50'])} ms/token, "
+                  f"{s['throughput_tok_s']:.1f} tok/s" + ("" if pt.prompt_tokens_ok else " PROMPT LENGTH MISMATCH")
+                  + (f" errors: {s['errors']}" if s["errors"] else ""), flush=True)
+    return points
+
+
+def _environment() -> str:
+    import importlib.metadata as md
+
+    vers = []
+    for pkg in ("vllm", "torch", "transformers"):
+        try:
+            vers.append(f"{pkg} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            pass
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    except Exception:  # noqa: BLE001
+        pass
+    return f"{', '.join(vers)}; {gpu}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible"
+
+
+def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], elapsed: float,
+                  failures: dict[str, str] | None = None) -> None:
+    cpu = bool(a.cpu_platform)
+    title = f"serving benchmark `{a.tag}`: source vs converted vs converted+INT4 (group {a.int4_group_size})"
+    md = [f"# {title}", ""]
+    if cpu:
+        md += [CPU_NOTE, ""]
+    md += [
+        f"- source: `{a.source}`" + (" (stories260K imported by converters.importers.llama2c)" if a.cpu_smoke else ""),
+        f"- converted: `{a.converted}`" + (" (ConvertOptions(rope_mode='partial', rope_strategy='high', rope_pairs=1, "
+                                          "kv_ratio=0.25): latent width 8 + 4x2 rope values per layer)" if a.cpu_smoke else ""),
+        f"- converted+int4: converted with `--hf-overrides '{json.dumps(variants[-1].hf_overrides or {})}'`"
+        if any(v.name == "converted+int4" for v in variants) else "- converted+int4: not run",
+        f"- per context: {a.num_requests} requests (each a different prompt of exactly N token ids, "
+        f"greedy, ignore_eos, max_tokens {a.max_tokens}), concurrency {a.concurrency}, streaming; "
+        f"{a.warmup} warm-up request(s) per server; prefix caching off; `--dtype {a.dtype}`"
+        + (f"; extra serve args `{a.serve_args}`" if a.serve_args else ""),
+        f"- TPOT (decode ms/token) = (latency - TTFT) / (output tokens - 1) per request; "
+        f"decode speed-up = source TPOT p50 / variant TPOT p50 at the same context, same run; "
+        f"output tok/s = all output tokens / wall time of the context's batch",
+        f"- environment: {_environment()}" + ("; LATENTKV_CPU_PLATFORM=1" if cpu else ""),
+        f"- run: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s total "
+        f"including server starts",
+        f"- command: `python benchmarks/serving.py {shlex.join(sys.argv[1:])}`",
+        "",
+        format_markdown_table(points, variants),
+        "",
+        "KV bytes/token: the cache layout's bytes per token over all layers at the serving dtype "
+        "(`latentkv.format` / `vllm_latentkv.attention.cache.cache_bytes_per_token`), percentage of the source's.",
+        "",
+        *speedup_summary(points),
+    ]
+    if cpu:
+        md += ["", "Decode speed-ups above are CPU-platform artefacts (python-loop attention, a 260K-parameter "
+               "model whose cache is a few hundred bytes per token); the GPU targets (>= 3x at 32K with a 4x "
+               "smaller cache, more with INT4) can only be checked on a GPU run."]
+    bad = [p for p in points if p.summary["failed"] or not p.prompt_tokens_ok]
+    if bad:
+        md += ["", "Problems: " + "; ".join(
+            f"{p.variant}@{p.context}: {p.summary['failed']} failed {p.summary['errors']}"
+            + ("" if p.prompt_tokens_ok else " prompt length mismatch") for p in bad)]
+    for name, err in (failures or {}).items():
+        md += ["", f"**{name}: the server did not start** (log kept as `serving_{a.tag}_{name.replace('+', '_')}.log`):",
+               "", "```", err[-3000:], "```"]
+    md_path = stem.with_suffix(".md")
+    md_path.write_text("\n".join(md) + "\n")
+    plot(points, variants, stem.with_suffix(".png"), f"{a.tag}: decode ms/token vs context", cpu)
+    stem.with_suffix(".json").write_text(json.dumps({
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        "variants": [asdict(v) for v in variants],
+        "points": [{"variant": p.variant, "context": p.context, "summary": p.summary,
+                    "prompt_tokens_ok": p.prompt_tokens_ok, "results": [asdict(r) for r in p.results]} for p in points],
+        "failures": failures or {},
+        "ratios": {f"{v}@{c}": r for (v, c), r in add_ratios(points).items()},
+    }, indent=1, default=str))
+    print("\n".join(md))
+    print(f"\nwrote {md_path}, {stem.with_suffix('.png')}, {stem.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

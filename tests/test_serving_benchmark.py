@@ -1,0 +1,138 @@
+"""benchmarks/serving.py: the pure parts (prompts, percentiles, ratios, table) on synthetic timings.
+The engine run itself is the benchmark (`python benchmarks/serving.py --cpu-smoke`), not a test."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("serving_bench", REPO / "benchmarks" / "serving.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["serving_bench"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sb = _load()
+R = sb.lt.RequestResult
+
+
+def _results(ttft: float, tpot: float, n: int, tokens: int = 11, prompt: int = 0) -> list:
+    """n requests with TTFT `ttft` and exactly `tpot` seconds per output token after the first."""
+    return [R(ok=True, ttft_s=ttft, latency_s=ttft + tpot * (tokens - 1), completion_tokens=tokens, prompt_tokens=prompt)
+            for _ in range(n)]
+
+
+def _point(variant, context, ttft, tpot, wall=1.0, n=4):
+    res = _results(ttft, tpot, n, prompt=context)
+    return sb.Point(variant, context, sb.lt.summarize(res, wall), sb.check_prompt_tokens(res, context), res)
+
+
+def test_make_prompts_exact_length_distinct_and_avoid_specials():
+    ps = sb.make_prompts(448, 6, vocab_size=512, seed=0, avoid={0, 1, 2})
+    assert len(ps) == 6 and all(len(p) == 448 for p in ps)
+    assert len({tuple(p[:16]) for p in ps}) == 6  # no shared prefix block
+    assert all(3 <= t < 512 and t not in {0, 1, 2} for p in ps for t in p)
+    assert ps == sb.make_prompts(448, 6, vocab_size=512, seed=0, avoid={0, 1, 2})  # deterministic
+    assert ps != sb.make_prompts(448, 6, vocab_size=512, seed=1, avoid={0, 1, 2})
+    with pytest.raises(ValueError):
+        sb.make_prompts(0, 1, 512)
+
+
+def test_percentile_is_load_test_linear_interpolation():
+    xs = [0.4, 0.1, 0.3, 0.2]
+    assert sb.percentile(xs, 50) == pytest.approx(0.25)
+    assert sb.percentile(xs, 90) == pytest.approx(0.37)  # rank 2.7 -> 0.3 + 0.7 * 0.1
+
+
+def test_tpot_from_synthetic_timings():
+    p = _point("source", 1024, ttft=0.5, tpot=0.030)
+    assert p.summary["tpot_s_p50"] == pytest.approx(0.030)
+    assert p.summary["ttft_s_p90"] == pytest.approx(0.5)
+    assert p.summary["latency_s_p50"] == pytest.approx(0.5 + 0.3)
+    assert p.prompt_tokens_ok
+
+
+def test_ratios_vs_source_same_context():
+    pts = [
+        _point("source", 1024, 0.2, 0.020, wall=2.0), _point("source", 32768, 4.0, 0.060, wall=8.0),
+        _point("converted", 1024, 0.2, 0.016, wall=1.6), _point("converted", 32768, 3.0, 0.020, wall=4.0),
+        _point("converted+int4", 32768, 3.2, 0.015, wall=2.0),
+    ]
+    r = sb.add_ratios(pts)
+    assert r[("source", 32768)]["decode_speedup"] == pytest.approx(1.0)
+    assert r[("converted", 32768)]["decode_speedup"] == pytest.approx(3.0)
+    assert r[("converted", 1024)]["decode_speedup"] == pytest.approx(1.25)
+    assert r[("converted+int4", 32768)]["decode_speedup"] == pytest.approx(4.0)
+    assert r[("converted", 32768)]["ttft_ratio"] == pytest.approx(0.75)
+    assert r[("converted+int4", 32768)]["throughput_ratio"] == pytest.approx(4.0)  # same tokens, 1/4 the wall
+    lines = sb.speedup_summary(pts)
+    assert any("converted: " in s and "32768" in s and "**3.00x**" in s for s in lines)
+    assert any("converted+int4" in s and "**4.00x**" in s for s in lines)
+
+
+def test_ratio_missing_baseline_is_nan():
+    assert math.isnan(sb.ratio(1.0, 0.0)) and math.isnan(sb.ratio(math.nan, 1.0))
+    r = sb.add_ratios([_point("converted", 64, 0.1, 0.01)])
+    assert math.isnan(r[("converted", 64)]["decode_speedup"])
+
+
+def test_markdown_table_rows_ordered_and_formatted():
+    variants = [sb.Variant("source", "s", None, 640), sb.Variant("converted", "c", None, 160),
+                sb.Variant("converted+int4", "c", {"latent_kv_cache_dtype": "int4"}, 60)]
+    pts = [_point("converted", 128, 0.1, 0.010), _point("source", 128, 0.1, 0.020),
+           _point("source", 64, 0.1, 0.020), _point("converted+int4", 128, 0.1, 0.005)]
+    table = sb.format_markdown_table(pts, variants)
+    lines = table.splitlines()
+    assert lines[0].startswith("| context | variant |") and set(lines[1]) <= {"|", "-"}
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    assert [ln.split("|")[1:3] for ln in lines[2:]] == [
+        [" 64 ", " source "], [" 128 ", " source "], [" 128 ", " converted "], [" 128 ", " converted+int4 "]]
+    assert "| 160 (25.0%) |" in table and "| 640 (100.0%) |" in table
+    row = lines[3]  # source @128
+    assert "| 4/4 |" in row and "| 100.00 / 100.00 |" in row and "| 20.00 / 20.00 |" in row and "| 1.00x |" in row
+    assert "| 2.00x |" in lines[4] and "| 4.00x |" in lines[5]
+
+
+def test_prompt_length_mismatch_and_failures_flagged():
+    res = _results(0.1, 0.01, 2, prompt=127) + [R(ok=False, latency_s=0.0, error="not started: time limit")]
+    assert not sb.check_prompt_tokens(res, 128)
+    assert sb.check_prompt_tokens(_results(0.1, 0.01, 2, prompt=0), 128)  # server gave no usage
+    p = sb.Point("source", 128, sb.lt.summarize(res, 1.0), False, res)
+    table = sb.format_markdown_table([p])
+    assert "2/3 (prompt len!)" in table
+
+
+def test_all_failed_point_renders_dashes():
+    res = [R(ok=False, latency_s=0.0, error="x")]
+    p = sb.Point("source", 64, sb.lt.summarize(res, 1.0), True, res)
+    assert "| 64 | source | - | 0/1 |" in sb.format_markdown_table([p])
+
+
+def test_cpu_smoke_preset_args():
+    a = sb.parse_args(["--cpu-smoke"])
+    assert a.cpu_platform and a.dtype == "float32" and a.tag == "cpu_smoke"
+    assert a.contexts == [64, 128, 256, 448] and a.int4_group_size == 8
+    assert max(a.contexts) + a.max_tokens <= 512  # stories260K max_position_embeddings
+    g = sb.parse_args(["--source", "s", "--converted", "c"])
+    assert g.contexts == [1024, 2048, 4096, 8192, 16384, 32768] and not g.cpu_platform
+    with pytest.raises(SystemExit):
+        sb.parse_args([])
+
+
+def test_log_errors_picks_root_cause_not_frames():
+    log = "\n".join(["INFO start", "WARNING ulimit error thing", '  File "x.py", line 1, in f',
+                     "(EngineCore) ValueError: latent width 8 is not a multiple of int4_group_size (16)",
+                     "RuntimeError: Engine core initialization failed."])
+    got = sb.log_errors(log)
+    assert "ValueError: latent width 8" in got and "RuntimeError" in got
+    assert "File " not in got and "ulimit" not in got
+    assert sb.log_errors("a\nb") == "a\nb"  # no error lines: the tail
