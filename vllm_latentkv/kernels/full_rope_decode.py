@@ -21,8 +21,8 @@ Symbols
 Grid (B, G * cdiv(H/G, BLOCK_H), NUM_KV_SPLITS): one program rebuilds the keys of one KV head
 for a tile of BLOCK_N tokens (two [BLOCK_N, r] x [r, D_H/2] dots, one per rotary half, so the
 rotation is elementwise on the two halves) and scores all query heads of that KV head against
-them. Stage 2 is the split merge of `latent_decode`. The cache may be plain float or the INT4
-layout of `int4_pack` with no rope part (rope_dim = 0).
+them. Stage 2 is the split merge shared with `latent_decode` (`_split_kv`). The cache may be
+plain float or the INT4 layout of `int4_pack` with no rope part (rope_dim = 0).
 """
 
 from __future__ import annotations
@@ -31,9 +31,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPES, check_blocks, check_device, check_tensor, dot_dtype, pow2_at_least
-from .int4_pack import int4_row_bytes, int4_row_offsets, int4_unpack_rows
-from .latent_decode import _load_latent_cols, _merge_splits_kernel
+from ._launch import (
+    FLOAT_DTYPES,
+    check_blocks,
+    check_device,
+    check_int4_cache,
+    check_paged,
+    check_tensor,
+    dot_dtype,
+    pow2_at_least,
+)
+from ._split_kv import (
+    launch_split_kv,
+    load_latent_cols,
+    online_softmax_init,
+    online_softmax_step,
+    split_bounds,
+    store_split_partial,
+    tile_tokens,
+)
+from .int4_pack import int4_row_offsets, int4_unpack_rows
 
 
 @triton.jit
@@ -121,25 +138,17 @@ def _full_rope_decode_stage1_kernel(
     q2 = tl.load(q_base + HALF_DIM, mask=q_mask, other=0.0).to(DOT_DTYPE)
     inv_freq = tl.load(inv_freq_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
-    seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_KV_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_bounds(seq_lens_ptr, b, split, NUM_KV_SPLITS, BLOCK_N)
 
     qk_scale = sm_scale * LOG2E
-    e_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)
+    acc, e_max, e_sum = online_softmax_init(BLOCK_H, BLOCK_V)
 
     for n0 in tl.range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        page = tl.load(block_table_ptr + b * stride_bt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0)
-        page = page.to(tl.int64)
-        row = page * stride_c_blk + (offs_n % PAGE_SIZE) * stride_c_tok
-        srow = page * stride_sc_blk + (offs_n % PAGE_SIZE) * stride_sc_tok
+        offs_n, mask_n, page, pos = tile_tokens(block_table_ptr + b * stride_bt_b, n0, end, BLOCK_N, PAGE_SIZE)
+        row = page * stride_c_blk + pos * stride_c_tok
+        srow = page * stride_sc_blk + pos * stride_sc_tok
 
-        c_k = _load_latent_cols(
+        c_k = load_latent_cols(
             cache_ptr, scale_cache_ptr, row, srow, key_cols,
             mask_n[:, None] & mask_r[None, :], INT4, GROUP_SIZE, SCALE_OFF, DOT_DTYPE,
         )  # [BLOCK_N, BLOCK_KR]
@@ -151,40 +160,25 @@ def _full_rope_decode_stage1_kernel(
         qk = tl.dot(q1, tl.trans(k1r.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
         qk += tl.dot(q2, tl.trans(k2r.to(DOT_DTYPE)), input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_N]
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # log2 units
-
-        n_max = tl.maximum(e_max, tl.max(qk, 1))
-        re_scale = tl.exp2(e_max - n_max)
-        p = tl.exp2(qk - n_max[:, None])
-        v = _load_latent_cols(
+        v = load_latent_cols(
             cache_ptr, scale_cache_ptr, row, srow, V_START + offs_v,
             mask_n[:, None] & mask_v[None, :], INT4, GROUP_SIZE, SCALE_OFF, DOT_DTYPE,
         )  # [BLOCK_N, BLOCK_V]
-        acc = acc * re_scale[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
-        e_sum = e_sum * re_scale + tl.sum(p, 1)
-        e_max = n_max
+        acc, e_max, e_sum = online_softmax_step(qk, v, acc, e_max, e_sum, DOT_DTYPE, DOT_PRECISION)
 
-    nonempty = e_sum > 0.0
-    acc = acc / tl.where(nonempty, e_sum, 1.0)[:, None]
-    lse = tl.where(nonempty, (e_max + tl.log2(tl.where(nonempty, e_sum, 1.0))) / LOG2E, float("-inf"))
-    tl.store(
-        part_acc_ptr + b * stride_pa_b + offs_h[:, None] * stride_pa_h + split * stride_pa_s
-        + offs_v[None, :],
-        acc,
-        mask=mask_h[:, None] & mask_v[None, :],
+    store_split_partial(
+        part_acc_ptr + b * stride_pa_b + split * stride_pa_s, part_lse_ptr + b * stride_pl_b + split,
+        stride_pa_h, stride_pl_h, offs_h, mask_h, offs_v, mask_v, acc, e_max, e_sum,
     )
-    tl.store(part_lse_ptr + b * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=mask_h)
 
 
-def _launch_full_rope(
-    q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, latent_dim, key_groups,
-    int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype, latent_dtype,
-):
+def _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups) -> int:
+    """Shapes of a full-RoPE decode; returns K_LEN (the key-latent part of a cache row)."""
     check_tensor("q", q, 3, FLOAT_DTYPES)
     check_tensor("w_uk", w_uk, 3, FLOAT_DTYPES)
     check_tensor("inv_freq", inv_freq, 1, FLOAT_DTYPES)
-    check_tensor("block_table", block_table, 2, (torch.int32, torch.int64))
-    check_tensor("seq_lens", seq_lens, 1, (torch.int32, torch.int64))
     bsz, num_heads, head_dim = q.shape
+    check_paged(block_table, seq_lens, bsz)
     num_kv_heads, w_head_dim, rank = w_uk.shape
     if head_dim % 2 or w_head_dim != head_dim:
         raise ValueError(f"q head dim ({head_dim}) must be even and equal w_uk.shape[1] ({w_head_dim})")
@@ -194,50 +188,46 @@ def _launch_full_rope(
         raise ValueError(f"query heads ({num_heads}) must be a multiple of w_uk's KV heads ({num_kv_heads})")
     if key_groups < 1 or num_kv_heads % key_groups:
         raise ValueError(f"key_groups ({key_groups}) must divide the KV heads ({num_kv_heads})")
-    k_len = key_groups * rank
-    v_len = latent_dim - k_len
-    if v_len <= 0:
+    if latent_dim - key_groups * rank <= 0:
         raise ValueError(f"latent row ({latent_dim}) leaves no value latent after K_LEN = {key_groups} x {rank}")
-    if block_table.shape[0] != bsz or seq_lens.shape[0] != bsz:
-        raise ValueError(f"block_table and seq_lens need B = {bsz} rows")
+    return key_groups * rank
+
+
+def _launch_full_rope(
+    q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, latent_dim, key_groups,
+    int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype, latent_dtype,
+):
+    k_len = _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups)
     check_blocks(num_kv_splits, block_n, block_h)
     dev = check_device(_full_rope_decode_stage1_kernel, q, cache, w_uk, inv_freq, block_table, seq_lens)
-    out = torch.empty(bsz, num_heads, v_len, dtype=out_dtype, device=dev)
-    lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=dev)
-    if bsz == 0:
-        return out, lse
-    part_acc = torch.empty(bsz, num_heads, num_kv_splits, v_len, dtype=torch.float32, device=dev)
-    part_lse = torch.empty(bsz, num_heads, num_kv_splits, dtype=torch.float32, device=dev)
-    ddtype = dot_dtype(_full_rope_decode_stage1_kernel, q.dtype, latent_dtype, w_uk.dtype)
+    bsz, num_heads, head_dim = q.shape
+    num_kv_heads, _, rank = w_uk.shape
     heads_per_kv = num_heads // num_kv_heads
     block_h = block_h or min(16, pow2_at_least(heads_per_kv))
     head_blocks = triton.cdiv(heads_per_kv, block_h)
-    grid = (bsz, num_kv_heads * head_blocks, num_kv_splits)
-    _full_rope_decode_stage1_kernel[grid](
-        q,
-        cache,
-        scale_cache,
-        w_uk,
-        inv_freq,
-        block_table,
-        seq_lens,
-        part_acc,
-        part_lse,
-        float(scale),
-        q.stride(0),
-        q.stride(1),
-        cache.stride(0),
-        cache.stride(1),
-        scale_cache.stride(0),
-        scale_cache.stride(1),
-        w_uk.stride(0),
-        w_uk.stride(1),
-        block_table.stride(0),
-        part_acc.stride(0),
-        part_acc.stride(1),
-        part_acc.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
+    v_len = latent_dim - k_len
+    return launch_split_kv(
+        _full_rope_decode_stage1_kernel,
+        num_kv_heads * head_blocks,
+        (q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens),
+        scale,
+        (
+            q.stride(0),
+            q.stride(1),
+            cache.stride(0),
+            cache.stride(1),
+            scale_cache.stride(0),
+            scale_cache.stride(1),
+            w_uk.stride(0),
+            w_uk.stride(1),
+            block_table.stride(0),
+        ),
+        bsz=bsz,
+        num_heads=num_heads,
+        v_len=v_len,
+        num_kv_splits=num_kv_splits,
+        out_dtype=out_dtype,
+        device=dev,
         HEADS_PER_KV=heads_per_kv,
         HEAD_BLOCKS_PER_KV=head_blocks,
         KV_PER_KEY_GROUP=num_kv_heads // key_groups,
@@ -249,36 +239,13 @@ def _launch_full_rope(
         INT4=int4,
         GROUP_SIZE=group_size,
         SCALE_OFF=scale_off,
-        NUM_KV_SPLITS=num_kv_splits,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_KR=pow2_at_least(rank),
         BLOCK_HD=pow2_at_least(head_dim // 2),
         BLOCK_V=pow2_at_least(v_len),
-        DOT_DTYPE=ddtype,
-        DOT_PRECISION="ieee" if ddtype == tl.float32 else "tf32",
-        num_warps=4,  # Hopper starting point (as vLLM's grouped MLA decode); tune on the GPU
-        num_stages=2,
+        DOT_DTYPE=dot_dtype(_full_rope_decode_stage1_kernel, q.dtype, latent_dtype, w_uk.dtype),
     )
-    _merge_splits_kernel[(bsz, num_heads)](
-        part_acc,
-        part_lse,
-        out,
-        lse,
-        part_acc.stride(0),
-        part_acc.stride(1),
-        part_acc.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        V_LEN=v_len,
-        NUM_KV_SPLITS=num_kv_splits,
-        BLOCK_S=pow2_at_least(num_kv_splits, 1),
-        BLOCK_V=pow2_at_least(v_len),
-    )
-    return out, lse
 
 
 def full_rope_decode_attention(
@@ -326,15 +293,7 @@ def full_rope_decode_attention_int4(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """full_rope_decode_attention over the INT4 cache (int4_pack layout with rope_dim = 0, as
     written by latent_cache_write_int4 with an empty rope tensor)."""
-    check_tensor("kv_cache", kv_cache, 3, (torch.uint8,))
-    row_bytes = int4_row_bytes(latent_dim, 0, group_size)
-    if kv_cache.shape[2] != row_bytes:
-        raise ValueError(
-            f"INT4 kv_cache row is {kv_cache.shape[2]} bytes, expected {row_bytes} for "
-            f"W={latent_dim}, group_size={group_size}"
-        )
-    if kv_cache.stride(0) % 2 or kv_cache.stride(1) % 2:
-        raise ValueError(f"INT4 kv_cache strides must be even (fp16 view), got {kv_cache.stride()}")
+    check_int4_cache(kv_cache, latent_dim, 0, group_size)
     scale_off, _ = int4_row_offsets(latent_dim, group_size)
     return _launch_full_rope(
         q, kv_cache, kv_cache.view(torch.float16), w_uk, inv_freq, block_table, seq_lens, scale,

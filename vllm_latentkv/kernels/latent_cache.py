@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPES, check_device, check_tensor, pow2_at_least
-from .int4_pack import FP16_MAX, int4_pack_rows, int4_row_bytes, int4_row_offsets
+from ._launch import FLOAT_DTYPES, check_device, check_int4_cache, check_tensor, pow2_at_least
+from .int4_pack import FP16_MAX, int4_pack_rows, int4_row_offsets
 
 
 @triton.jit
@@ -165,8 +165,7 @@ def latent_cache_write(
 ) -> None:
     """Write latent and rope-key rows into the plain paged cache (cast to its dtype) in place."""
     _check_write_inputs(latent, rope, kv_cache, slot_mapping, block_t)
-    if kv_cache.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"kv_cache dtype must be one of {FLOAT_DTYPES}, got {kv_cache.dtype}")
+    check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
     w, r = latent.shape[1], rope.shape[1]
     if kv_cache.shape[2] != w + r:
         raise ValueError(f"kv_cache row is {kv_cache.shape[2]} wide, expected W + R = {w} + {r}")
@@ -206,14 +205,7 @@ def latent_cache_write_int4(
     into the uint8 paged cache in place. Bit-exact with `int4_pack.int4_pack_rows`."""
     _check_write_inputs(latent, rope, kv_cache, slot_mapping, block_t)
     w, r = latent.shape[1], rope.shape[1]
-    row_bytes = int4_row_bytes(w, r, group_size)
-    if kv_cache.dtype != torch.uint8 or kv_cache.shape[2] != row_bytes:
-        raise ValueError(
-            f"INT4 kv_cache must be uint8 [num_blocks, block_size, {row_bytes}] for W={w}, R={r}, "
-            f"group_size={group_size}; got {kv_cache.dtype} {tuple(kv_cache.shape)}"
-        )
-    if kv_cache.stride(0) % 2 or kv_cache.stride(1) % 2:
-        raise ValueError(f"INT4 kv_cache strides must be even (fp16 view), got {kv_cache.stride()}")
+    check_int4_cache(kv_cache, w, r, group_size)
     check_device(_latent_cache_write_int4_kernel, latent, rope, kv_cache, slot_mapping)
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:

@@ -20,7 +20,7 @@ used by all BLOCK_H heads (the latent is shared like MQA keys). The rope keys of
 are loaded as one [BLOCK_N, R_H * R_D] tile and scored against a rope query that is zero
 outside each head's slot, so heads of different rope slots still share the one pass over the
 page. Output per split: normalised partial acc and its lse. Stage 2, grid (B, H): merge the
-splits with their lse. Scores are kept in log2 units (exp2 is the fast path on GPUs).
+splits with their lse (`_split_kv`, shared with `full_rope_decode`).
 """
 
 from __future__ import annotations
@@ -29,32 +29,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import FLOAT_DTYPES, check_blocks, check_device, check_tensor, dot_dtype, pow2_at_least
-from .int4_pack import int4_row_bytes, int4_row_offsets, int4_unpack_rows
-
-
-@triton.jit
-def _load_latent_cols(
-    cache_ptr,
-    scale_ptr,
-    row,  # [BLOCK_N] element offset of each token row in cache_ptr units
-    srow,  # [BLOCK_N] the same rows in scale_ptr (fp16) units
-    cols,  # [BLOCK_C] latent columns
-    mask,  # [BLOCK_N, BLOCK_C]
-    INT4: tl.constexpr,
-    GROUP_SIZE: tl.constexpr,
-    SCALE_OFF: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-):
-    """Latent tile [BLOCK_N, BLOCK_C] in DOT_DTYPE (dequantized for the INT4 cache)."""
-    if INT4:
-        b = tl.load(cache_ptr + row[:, None] + cols[None, :] // 2, mask=mask, other=0)
-        u = (b.to(tl.int32) >> ((cols[None, :] % 2) * 4)) & 0xF  # col 2i low nibble, 2i+1 high
-        s = tl.load(scale_ptr + srow[:, None] + SCALE_OFF + cols[None, :] // GROUP_SIZE, mask=mask, other=0.0)
-        x = (u - 8).to(tl.float32) * s.to(tl.float32)  # x_hat = (u - 8) * s
-    else:
-        x = tl.load(cache_ptr + row[:, None] + cols[None, :], mask=mask, other=0.0)
-    return x.to(DOT_DTYPE)
+from ._launch import (
+    FLOAT_DTYPES,
+    check_blocks,
+    check_device,
+    check_int4_cache,
+    check_paged,
+    check_tensor,
+    dot_dtype,
+    pow2_at_least,
+)
+from ._split_kv import (
+    launch_split_kv,
+    load_latent_cols,
+    online_softmax_init,
+    online_softmax_step,
+    split_bounds,
+    store_split_partial,
+    tile_tokens,
+)
+from .int4_pack import int4_row_offsets, int4_unpack_rows
 
 
 @triton.jit
@@ -118,11 +112,7 @@ def _latent_decode_stage1_kernel(
     mask_v = offs_v < V_LEN
     offs_r = tl.arange(0, BLOCK_R)
 
-    seq_len = tl.load(seq_lens_ptr + b)
-    # splits are whole BLOCK_N tiles so that tiles stay page-aligned when BLOCK_N divides P
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_KV_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    start, end = split_bounds(seq_lens_ptr, b, split, NUM_KV_SPLITS, BLOCK_N)
 
     q_lat = tl.load(
         q_lat_ptr + b * stride_ql_b + offs_h[:, None] * stride_ql_h + offs_k[None, :],
@@ -144,19 +134,14 @@ def _latent_decode_stage1_kernel(
     ).to(DOT_DTYPE)  # [BLOCK_H, BLOCK_R]
 
     qk_scale = sm_scale * LOG2E
-    e_max = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    e_sum = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)
+    acc, e_max, e_sum = online_softmax_init(BLOCK_H, BLOCK_V)
 
     for n0 in tl.range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < end
-        page = tl.load(block_table_ptr + b * stride_bt_b + offs_n // PAGE_SIZE, mask=mask_n, other=0)
-        page = page.to(tl.int64)
-        row = page * stride_c_blk + (offs_n % PAGE_SIZE) * stride_c_tok
-        rrow = page * stride_rc_blk + (offs_n % PAGE_SIZE) * stride_rc_tok
+        offs_n, mask_n, page, pos = tile_tokens(block_table_ptr + b * stride_bt_b, n0, end, BLOCK_N, PAGE_SIZE)
+        row = page * stride_c_blk + pos * stride_c_tok
+        rrow = page * stride_rc_blk + pos * stride_rc_tok
 
-        k = _load_latent_cols(
+        k = load_latent_cols(
             cache_ptr, rope_cache_ptr, row, rrow, K_START + offs_k,
             mask_n[:, None] & mask_k[None, :], INT4, GROUP_SIZE, SCALE_OFF, DOT_DTYPE,
         )  # [BLOCK_N, BLOCK_K]
@@ -169,75 +154,19 @@ def _latent_decode_stage1_kernel(
             ).to(DOT_DTYPE)  # [BLOCK_N, BLOCK_R]
             qk += tl.dot(q_rope, tl.trans(kr), input_precision=DOT_PRECISION)
         qk = tl.where(mask_n[None, :], qk * qk_scale, float("-inf"))  # log2 units
-
-        n_max = tl.maximum(e_max, tl.max(qk, 1))
-        re_scale = tl.exp2(e_max - n_max)
-        p = tl.exp2(qk - n_max[:, None])
         if SHARED_KV:
             v = k
         else:
-            v = _load_latent_cols(
+            v = load_latent_cols(
                 cache_ptr, rope_cache_ptr, row, rrow, V_START + offs_v,
                 mask_n[:, None] & mask_v[None, :], INT4, GROUP_SIZE, SCALE_OFF, DOT_DTYPE,
             )  # [BLOCK_N, BLOCK_V]
-        acc = acc * re_scale[:, None] + tl.dot(p.to(DOT_DTYPE), v, input_precision=DOT_PRECISION)
-        e_sum = e_sum * re_scale + tl.sum(p, 1)
-        e_max = n_max
+        acc, e_max, e_sum = online_softmax_step(qk, v, acc, e_max, e_sum, DOT_DTYPE, DOT_PRECISION)
 
-    nonempty = e_sum > 0.0  # an empty split (short sequence) leaves lse = -inf, acc = 0
-    acc = acc / tl.where(nonempty, e_sum, 1.0)[:, None]
-    lse = tl.where(nonempty, (e_max + tl.log2(tl.where(nonempty, e_sum, 1.0))) / LOG2E, float("-inf"))
-    tl.store(
-        part_acc_ptr + b * stride_pa_b + offs_h[:, None] * stride_pa_h + split * stride_pa_s
-        + offs_v[None, :],
-        acc,
-        mask=mask_h[:, None] & mask_v[None, :],
+    store_split_partial(
+        part_acc_ptr + b * stride_pa_b + split * stride_pa_s, part_lse_ptr + b * stride_pl_b + split,
+        stride_pa_h, stride_pl_h, offs_h, mask_h, offs_v, mask_v, acc, e_max, e_sum,
     )
-    tl.store(part_lse_ptr + b * stride_pl_b + offs_h * stride_pl_h + split, lse, mask=mask_h)
-
-
-@triton.jit
-def _merge_splits_kernel(
-    part_acc_ptr,  # [B, H, S, V_LEN] fp32
-    part_lse_ptr,  # [B, H, S] fp32
-    out_ptr,  # [B, H, V_LEN]
-    lse_ptr,  # [B, H] fp32
-    stride_pa_b,
-    stride_pa_h,
-    stride_pa_s,
-    stride_pl_b,
-    stride_pl_h,
-    stride_o_b,
-    stride_o_h,
-    stride_l_b,
-    V_LEN: tl.constexpr,
-    NUM_KV_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_v = tl.arange(0, BLOCK_V)
-    mask_v = offs_v < V_LEN
-    lse_base = part_lse_ptr + b * stride_pl_b + h * stride_pl_h
-    lse_s = tl.load(lse_base + offs_s, mask=offs_s < NUM_KV_SPLITS, other=float("-inf"))
-    m = tl.max(lse_s, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)  # all splits empty (seq_len 0)
-    total = tl.sum(tl.exp(lse_s - m), 0)  # sum_s exp(lse_s - m); empty splits add 0
-    acc = tl.zeros([BLOCK_V], dtype=tl.float32)
-    for s in range(NUM_KV_SPLITS):
-        w = tl.exp(tl.load(lse_base + s) - m)  # weight of split s: exp(lse_s - max lse)
-        a = tl.load(
-            part_acc_ptr + b * stride_pa_b + h * stride_pa_h + s * stride_pa_s + offs_v,
-            mask=mask_v,
-            other=0.0,
-        )
-        acc += w * a
-    out = acc / tl.where(total > 0.0, total, 1.0)
-    lse = tl.where(total > 0.0, m + tl.log(tl.where(total > 0.0, total, 1.0)), float("-inf"))
-    tl.store(out_ptr + b * stride_o_b + h * stride_o_h + offs_v, out.to(out_ptr.dtype.element_ty), mask=mask_v)
-    tl.store(lse_ptr + b * stride_l_b + h, lse)
 
 
 def _resolve_ranges(k_range, v_range, latent_dim, k_len):
@@ -254,15 +183,10 @@ def _resolve_ranges(k_range, v_range, latent_dim, k_len):
 def _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads):
     check_tensor("q_latent", q_latent, 3, FLOAT_DTYPES)
     check_tensor("q_rope", q_rope, 3, FLOAT_DTYPES)
-    check_tensor("block_table", block_table, 2, (torch.int32, torch.int64))
-    check_tensor("seq_lens", seq_lens, 1, (torch.int32, torch.int64))
     b, h, _ = q_latent.shape
     if q_rope.shape[:2] != (b, h):
         raise ValueError(f"q_rope {tuple(q_rope.shape)} must be [B, H, R_D] with B, H = {b}, {h}")
-    if block_table.shape[0] != b or seq_lens.shape[0] != b:
-        raise ValueError(
-            f"block_table {tuple(block_table.shape)} and seq_lens {tuple(seq_lens.shape)} need B = {b} rows"
-        )
+    check_paged(block_table, seq_lens, b)
     if rope_heads < 1 or h % rope_heads:
         raise ValueError(f"rope_heads ({rope_heads}) must divide the number of query heads ({h})")
 
@@ -278,41 +202,30 @@ def _launch_decode(
     check_blocks(num_kv_splits, block_n, block_h)
     dev = check_device(_latent_decode_stage1_kernel, q_latent, q_rope, cache, block_table, seq_lens)
     shared_kv = (k_start, k_len) == (v_start, v_len)
-    out = torch.empty(bsz, num_heads, v_len, dtype=out_dtype, device=dev)
-    lse = torch.empty(bsz, num_heads, dtype=torch.float32, device=dev)
-    if bsz == 0:
-        return out, lse
-    part_acc = torch.empty(bsz, num_heads, num_kv_splits, v_len, dtype=torch.float32, device=dev)
-    part_lse = torch.empty(bsz, num_heads, num_kv_splits, dtype=torch.float32, device=dev)
-    ddtype = dot_dtype(_latent_decode_stage1_kernel, q_latent.dtype, latent_dtype)
     block_h = block_h or min(16, pow2_at_least(num_heads))
     block_k = pow2_at_least(k_len)
-    block_v = block_k if shared_kv else pow2_at_least(v_len)
-    grid = (bsz, triton.cdiv(num_heads, block_h), num_kv_splits)
-    _latent_decode_stage1_kernel[grid](
-        q_latent,
-        q_rope,
-        cache,
-        rope_cache,
-        block_table,
-        seq_lens,
-        part_acc,
-        part_lse,
-        float(scale),
-        q_latent.stride(0),
-        q_latent.stride(1),
-        q_rope.stride(0),
-        q_rope.stride(1),
-        cache.stride(0),
-        cache.stride(1),
-        rope_cache.stride(0),
-        rope_cache.stride(1),
-        block_table.stride(0),
-        part_acc.stride(0),
-        part_acc.stride(1),
-        part_acc.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
+    return launch_split_kv(
+        _latent_decode_stage1_kernel,
+        triton.cdiv(num_heads, block_h),
+        (q_latent, q_rope, cache, rope_cache, block_table, seq_lens),
+        scale,
+        (
+            q_latent.stride(0),
+            q_latent.stride(1),
+            q_rope.stride(0),
+            q_rope.stride(1),
+            cache.stride(0),
+            cache.stride(1),
+            rope_cache.stride(0),
+            rope_cache.stride(1),
+            block_table.stride(0),
+        ),
+        bsz=bsz,
+        num_heads=num_heads,
+        v_len=v_len,
+        num_kv_splits=num_kv_splits,
+        out_dtype=out_dtype,
+        device=dev,
         NUM_HEADS=num_heads,
         HEADS_PER_ROPE=num_heads // rope_heads,
         K_START=k_start,
@@ -327,36 +240,13 @@ def _launch_decode(
         GROUP_SIZE=group_size,
         SCALE_OFF=scale_off,
         SHARED_KV=shared_kv,
-        NUM_KV_SPLITS=num_kv_splits,
         BLOCK_H=block_h,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_V=block_v,
+        BLOCK_V=block_k if shared_kv else pow2_at_least(v_len),
         BLOCK_R=pow2_at_least(rope_heads * rope_head_dim),
-        DOT_DTYPE=ddtype,
-        DOT_PRECISION="ieee" if ddtype == tl.float32 else "tf32",
-        num_warps=4,  # Hopper starting point (as vLLM's grouped MLA decode); tune on the GPU
-        num_stages=2,
+        DOT_DTYPE=dot_dtype(_latent_decode_stage1_kernel, q_latent.dtype, latent_dtype),
     )
-    _merge_splits_kernel[(bsz, num_heads)](
-        part_acc,
-        part_lse,
-        out,
-        lse,
-        part_acc.stride(0),
-        part_acc.stride(1),
-        part_acc.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        V_LEN=v_len,
-        NUM_KV_SPLITS=num_kv_splits,
-        BLOCK_S=pow2_at_least(num_kv_splits, 1),
-        BLOCK_V=pow2_at_least(v_len),
-    )
-    return out, lse
 
 
 def latent_decode_attention(
@@ -416,16 +306,7 @@ def latent_decode_attention_int4(
     """latent_decode_attention over the INT4 cache (written by latent_cache_write_int4); the
     latent is dequantized inside the kernel. Same returns."""
     _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads)
-    check_tensor("kv_cache", kv_cache, 3, (torch.uint8,))
-    rope_dim = rope_heads * q_rope.shape[2]
-    row_bytes = int4_row_bytes(latent_dim, rope_dim, group_size)
-    if kv_cache.shape[2] != row_bytes:
-        raise ValueError(
-            f"INT4 kv_cache row is {kv_cache.shape[2]} bytes, expected {row_bytes} for "
-            f"W={latent_dim}, R={rope_dim}, group_size={group_size}"
-        )
-    if kv_cache.stride(0) % 2 or kv_cache.stride(1) % 2:
-        raise ValueError(f"INT4 kv_cache strides must be even (fp16 view), got {kv_cache.stride()}")
+    check_int4_cache(kv_cache, latent_dim, rope_heads * q_rope.shape[2], group_size)
     scale_off, rope_off = int4_row_offsets(latent_dim, group_size)
     return _launch_decode(
         q_latent, q_rope, kv_cache, kv_cache.view(torch.float16), block_table, seq_lens, scale,
