@@ -12,6 +12,8 @@ The backend owns the cache I/O; the math of the layer is in ``layer.py``:
 * ``decode``: absorbed attention over the paged cache for a batch of one-token queries with the
   Triton kernel ``latent_decode_attention[_int4]`` when Triton can run (CUDA, or CPU under
   ``TRITON_INTERPRET=1``), selected by ``LATENTKV_TRITON`` = auto (default) | 1 | 0.
+* ``decode_full``: the same for ``full`` RoPE layers (keys rebuilt from the key latent and rotated
+  inside ``full_rope_decode_attention[_int4]``, values absorbed), same policy.
   The pure-torch path (``layer.py``) is the fallback and the CPU reference.
 """
 
@@ -231,5 +233,37 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
                 q_latent, q_rope = q_latent.to(cache.dtype), q_rope.to(cache.dtype)
             out, _ = kernels.latent_decode_attention(
                 q_latent, q_rope, cache, meta.decode_block_table, meta.decode_seq_lens, scale, **common,
+            )
+        return out
+
+    # -- full-RoPE decode with the Triton kernel -----------------------------------------------
+    def decode_full(
+        self,
+        q: torch.Tensor,  # [B, H, d_h] rotated
+        w_uk: torch.Tensor,  # [G, d_h, r_k / key_groups]
+        inv_freq: torch.Tensor,  # [d_h / 2] fp32
+        kv_cache: torch.Tensor,
+        meta: LatentKVMetadata,
+        scale: float,
+        key_groups: int,
+    ) -> torch.Tensor:
+        """sum_t softmax(scale q . RoPE_t(W_uk c_k,t))_t c_v,t per head: [B, H, r_v] fp32 (row [c_k | c_v])."""
+        from vllm_latentkv import kernels
+
+        L = self.layout
+        cache = self.rows(kv_cache)
+        common = dict(key_groups=key_groups, out_dtype=torch.float32,
+                      num_kv_splits=4 if q.device.type == "cpu" else 8)
+        q, w_uk = q.float().contiguous(), w_uk.float().contiguous()
+        if L.int4:
+            out, _ = kernels.full_rope_decode_attention_int4(
+                q, cache, w_uk, inv_freq, meta.decode_block_table, meta.decode_seq_lens, scale,
+                latent_dim=L.latent_dim, group_size=L.group_size, **common,
+            )
+        else:
+            if cache.dtype != torch.float32:
+                q, w_uk = q.to(cache.dtype), w_uk.to(cache.dtype)
+            out, _ = kernels.full_rope_decode_attention(
+                q, cache, w_uk, inv_freq, meta.decode_block_table, meta.decode_seq_lens, scale, **common,
             )
         return out

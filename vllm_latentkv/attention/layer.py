@@ -107,6 +107,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         self.full = layer.rope_mode == "full"
         self.scale = layer.softmax_scale
         bias, D = spec.attention_bias, dims.hidden_size
+        self.bias = bias
 
         self.q_proj = ColumnParallelLinear(D, H * (self.d_n + self.R_D), bias=bias, quant_config=quant_config, prefix=f"{prefix}.q_proj")
         self.kv_a_proj = ReplicatedLinear(D, self.W + self.R_H * self.R_D, bias=bias, quant_config=quant_config, prefix=f"{prefix}.kv_a_proj")
@@ -141,6 +142,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         self.rope_freqs = torch.tensor([[freqs[i] for i in p] for p in layer.rope_pairs], dtype=torch.float64) if self.R_H else None
         self.q_rope_freqs = self.rope_freqs[self.slot_of_head] if self.R_H else None  # [H_l, R_D/2]
         self.source_freqs = torch.tensor(freqs, dtype=torch.float64)
+        self._inv_freq: torch.Tensor | None = None  # fp32 copy on the cache's device (full-RoPE kernel)
 
         # vLLM attention-layer plumbing: the cache spec, the backend, the static forward context.
         model_dtype = vllm_config.model_config.dtype if vllm_config.model_config is not None else torch.get_default_dtype()
@@ -293,13 +295,20 @@ class LatentAttention(nn.Module, AttentionLayerBase):
             o = o + b_v[heads]
         return o
 
-    # -- absorbed decode on the Triton kernel -------------------------------------------------
+    # -- decode on the Triton kernels ---------------------------------------------------------
     def _kernel_decode_ok(self, device: torch.device) -> bool:
-        # Kernel: one k range over the whole latent, rope slot h // (H / R_H) of the local head.
-        return (not self.full and not self.key_scale and self.d_n > 0 and self.R_H > 0 and self.tp == 1
-                and triton_usable(device))
+        if self.tp != 1:
+            return False
+        if self.full:
+            # full_rope_decode_attention: keys W_uk[g] c_k rebuilt and rotated in the kernel, no key
+            # bias or key norm; cache row [c_k | c_v] (split latent: the value latent follows the key's).
+            return not self.qk_norm and not self.bias and not self.layer.latent.joint and triton_usable(device)
+        # latent_decode_attention: one k range over the whole latent, rope slot h // (H / R_H) of the local head.
+        return not self.key_scale and self.d_n > 0 and self.R_H > 0 and triton_usable(device)
 
     def _kernel_decode(self, q_nope, q_rope, meta: LatentKVMetadata) -> torch.Tensor:
+        if self.full:
+            return self._kernel_decode_full(q_nope, meta)
         B = q_nope.shape[0]
         heads = self.kv_of_head
         w_uk, _ = self._w(self.k_b_proj, self.d_n)
@@ -313,6 +322,19 @@ class LatentAttention(nn.Module, AttentionLayerBase):
             q_lat, q_rope, self.kv_cache, meta, self.scale,
             k_range=(self.k_slice.start, lat.k_rank), v_range=(self.v_slice.start, lat.v_rank),
         )  # [B, H, r_v]
+        return self._values_from_latent(o_lat)
+
+    def _kernel_decode_full(self, q, meta: LatentKVMetadata) -> torch.Tensor:
+        """Full RoPE: q [B, H_l, d_h] rotated -> o [B, H_l, d_h] (Palu-style online key rebuild)."""
+        w_uk, _ = self._w(self.k_b_proj, self.d_n)  # [G, d_h, r_k / n_grp]
+        if self._inv_freq is None or self._inv_freq.device != q.device:
+            self._inv_freq = self.source_freqs.float().to(q.device)
+        o_lat = self.impl.decode_full(q, w_uk, self._inv_freq, self.kv_cache, meta, self.scale, key_groups=self.n_grp)
+        return self._values_from_latent(o_lat)  # [B, H_l, v_rank] (all groups)
+
+    def _values_from_latent(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Softmax-weighted value latents [B, H_l, r_v (x n_grp)] -> o = W_uv o_lat + b_v per head."""
+        B, heads = o_lat.shape[0], self.kv_of_head
         if self.n_grp > 1:
             o_lat = o_lat.view(B, self.H_l, self.n_grp, self.r_v)[:, torch.arange(self.H_l), self.chunk_of_head]
         w_uv, b_v = self._w(self.v_b_proj, self.d_h)
