@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -130,15 +131,18 @@ def ratio(num: float, den: float) -> float:
 
 
 def add_ratios(points: list[Point], baseline: str = "source") -> dict[tuple[str, int], dict]:
-    """Per (variant, context): decode speed-up (baseline TPOT p50 / TPOT p50), TTFT and latency
-    ratios (variant p50 / baseline p50) and throughput ratio (variant tok/s / baseline tok/s)."""
+    """Per (variant, context): decode speed-up = baseline inter-token latency p50 / the variant's
+    (the decode step time), the same for TPOT p50 (mean decode time per request, includes stalls),
+    TTFT and latency ratios (variant p50 / baseline p50) and throughput ratio (variant tok/s /
+    baseline tok/s)."""
     base = {p.context: p.summary for p in points if p.variant == baseline}
     out = {}
     for p in points:
         b = base.get(p.context, {})
         s = p.summary
         out[(p.variant, p.context)] = {
-            "decode_speedup": ratio(b.get("tpot_s_p50", math.nan), s.get("tpot_s_p50", math.nan)),
+            "decode_speedup": ratio(b.get("itl_s_p50", math.nan), s.get("itl_s_p50", math.nan)),
+            "tpot_speedup": ratio(b.get("tpot_s_p50", math.nan), s.get("tpot_s_p50", math.nan)),
             "ttft_ratio": ratio(s.get("ttft_s_p50", math.nan), b.get("ttft_s_p50", math.nan)),
             "latency_ratio": ratio(s.get("latency_s_p50", math.nan), b.get("latency_s_p50", math.nan)),
             "throughput_ratio": ratio(s.get("throughput_tok_s", math.nan), b.get("throughput_tok_s", math.nan)),
@@ -161,9 +165,9 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
     cache = {v.name: v.cache_bytes_per_token for v in variants or []}
     base_cache = cache.get(baseline)
     rows = sorted(points, key=lambda p: (p.context, order.get(p.variant, len(order)), p.variant))
-    head = ("| context | variant | KV bytes/token (cache vs source) | ok/requests | TTFT p50 / p90 (ms) "
-            "| decode ms/token p50 / p90 | latency p50 / p90 (ms) | output tok/s | decode speed-up vs source "
-            "| tok/s vs source |")
+    head = ("| context | variant | KV bytes/token (vs source) | ok/requests | TTFT p50 / p90 (ms) "
+            "| decode ms/token (ITL) p50 / p90 | TPOT p50 / p90 (ms) | latency p50 / p90 (ms) | output tok/s "
+            "| decode speed-up vs source (ITL p50) | TPOT speed-up | tok/s vs source |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for p in rows:
         s, r = p.summary, ratios[(p.variant, p.context)]
@@ -174,11 +178,12 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
         lines.append(
             f"| {p.context} | {p.variant} | {cache_txt} | {ok} "
             f"| {_ms(s.get('ttft_s_p50'))} / {_ms(s.get('ttft_s_p90'))} "
+            f"| {_ms(s.get('itl_s_p50'))} / {_ms(s.get('itl_s_p90'))} "
             f"| {_ms(s.get('tpot_s_p50'))} / {_ms(s.get('tpot_s_p90'))} "
             f"| {_ms(s.get('latency_s_p50'))} / {_ms(s.get('latency_s_p90'))} "
-            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['throughput_ratio'])} |"
-            if _finite(tput) else
-            f"| {p.context} | {p.variant} | {cache_txt} | {ok} | - | - | - | - | - | - |"
+            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['tpot_speedup'])} | {_x(r['throughput_ratio'])} |"
+            if s.get("succeeded") else
+            f"| {p.context} | {p.variant} | {cache_txt} | {ok} |" + " - |" * 8
         )
     return "\n".join(lines)
 
@@ -196,7 +201,8 @@ def speedup_summary(points: list[Point], baseline: str = "source") -> list[str]:
         if ctxs:
             c = ctxs[-1]
             out.append(f"- {name}: decode speed-up vs {baseline} at context {c}: "
-                       f"**{ratios[(name, c)]['decode_speedup']:.2f}x** (TPOT p50 ratio)")
+                       f"**{ratios[(name, c)]['decode_speedup']:.2f}x** (inter-token latency p50 ratio; "
+                       f"TPOT p50 ratio {_x(ratios[(name, c)]['tpot_speedup'])})")
     return out
 
 
@@ -300,23 +306,94 @@ class Server:
         self.stop()
 
 
+@dataclass
+class TimedResult(lt.RequestResult):
+    """load_test's RequestResult plus the time between consecutive output tokens (inter-token
+    latencies): a streamed chunk of k tokens after dt seconds counts as k intervals of dt / k."""
+
+    itl_s: list = field(default_factory=list)
+
+
+def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> TimedResult:
+    """One streamed greedy completion of exactly `max_tokens` tokens (ignore_eos), timing every
+    token: vLLM's `return_token_ids` puts each step's token ids into its chunk (also chunks whose
+    text is still empty), so TTFT is the first token, not the first printable text."""
+    payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+               "stream_options": {"include_usage": True}, "ignore_eos": True, "min_tokens": max_tokens,
+               "return_token_ids": True}
+    t0 = time.perf_counter()
+    try:
+        with lt._request(base_url, "/v1/completions", payload, None, timeout) as resp:
+            ttft, last, itl, usage = None, None, [], None
+            for raw in resp:  # server-sent events: "data: {...}" ... "data: [DONE]"
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                event = json.loads(data)
+                if event.get("usage"):
+                    usage = event["usage"]
+                k = sum(len(c.get("token_ids") or []) or int(bool(c.get("text"))) for c in event.get("choices", []))
+                if not k:
+                    continue
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft, k = now - t0, k - 1  # the first token's wait is the TTFT
+                if k:
+                    itl += [(now - last) / k] * k
+                last = now
+            latency = time.perf_counter() - t0
+            return TimedResult(ok=True, latency_s=latency, ttft_s=ttft,
+                               completion_tokens=int(usage["completion_tokens"]) if usage else len(itl) + (ttft is not None),
+                               prompt_tokens=int(usage.get("prompt_tokens", 0)) if usage else 0, itl_s=itl)
+    except Exception as exc:  # noqa: BLE001 - every failure is a data point
+        detail = ""
+        if isinstance(exc, urllib.error.HTTPError):
+            try:
+                detail = ": " + exc.read().decode("utf-8", "replace")[:300]
+            except Exception:  # noqa: BLE001
+                pass
+        return TimedResult(ok=False, latency_s=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}{detail}")
+
+
+def summarize_point(results: list, wall_time_s: float) -> dict:
+    """load_test.summarize (latency, TTFT, TPOT percentiles, throughput) plus percentiles of all
+    inter-token latencies of the successful requests pooled (`itl_s_p50` ...): the decode step time."""
+    s = lt.summarize(results, wall_time_s)
+    itl = [x for r in results if r.ok for x in getattr(r, "itl_s", None) or []]
+    for q in (50, 90, 99):
+        s[f"itl_s_p{q}"] = percentile(itl, q)
+    s["itl_s_mean"] = sum(itl) / len(itl) if itl else math.nan
+    s["itl_count"] = len(itl)
+    return s
+
+
 def run_point(base_url: str, model: str, prompts: list[list[int]], *, max_tokens: int, concurrency: int,
-              request_timeout_s: float, max_duration_s: float) -> tuple[dict, list]:
-    """Send every prompt (at most `concurrency` in flight) and summarize with load_test.summarize.
+              request_timeout_s: float, max_duration_s: float, schedule: str = "waves") -> tuple[dict, list]:
+    """Send every prompt, at most `concurrency` in flight, and summarize.
+
+    schedule "waves": groups of `concurrency` requests start together and the next group starts
+    when the whole group is done, so prefills happen at the start of a wave and the rest of it is
+    clean batched decode at this context; "closed": a new request starts as soon as one ends
+    (steady serving load; other requests' prefills interleave with decode steps).
     No request starts after `max_duration_s` (it is recorded as failed)."""
-    extra = {"ignore_eos": True, "min_tokens": max_tokens}
     deadline = time.perf_counter() + max_duration_s
 
     def task(prompt):
         if time.perf_counter() > deadline:
-            return lt.RequestResult(ok=False, latency_s=0.0, error="not started: time limit")
-        return lt.one_request(base_url, model, prompt, max_tokens, True, None, request_timeout_s, extra)
+            return TimedResult(ok=False, latency_s=0.0, error="not started: time limit")
+        return timed_request(base_url, model, prompt, max_tokens, request_timeout_s)
 
+    groups = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)] if schedule == "waves" else [prompts]
     t0 = time.perf_counter()
+    results = []
     with ThreadPoolExecutor(max_workers=min(concurrency, len(prompts))) as pool:
-        results = list(pool.map(task, prompts))
+        for g in groups:
+            results += list(pool.map(task, g))
     wall = time.perf_counter() - t0
-    return lt.summarize(results, wall), results
+    return summarize_point(results, wall), results
 
 
 def model_info(path: Path) -> dict:
@@ -358,22 +435,22 @@ def plot(points: list[Point], variants: list[Variant], path: Path, title: str, c
     ratios = add_ratios(points)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for v in variants:
-        ps = sorted((p for p in points if p.variant == v.name and _finite(p.summary.get("tpot_s_p50"))),
+        ps = sorted((p for p in points if p.variant == v.name and _finite(p.summary.get("itl_s_p50"))),
                     key=lambda p: p.context)
         if not ps:
             continue
         xs = [p.context for p in ps]
-        a.plot(xs, [p.summary["tpot_s_p50"] * 1000 for p in ps], "o-", label=v.name)
-        a.fill_between(xs, [p.summary["tpot_s_p50"] * 1000 for p in ps],
-                       [p.summary["tpot_s_p90"] * 1000 for p in ps], alpha=0.15)
+        a.plot(xs, [p.summary["itl_s_p50"] * 1000 for p in ps], "o-", label=v.name)
+        a.fill_between(xs, [p.summary["itl_s_p50"] * 1000 for p in ps],
+                       [p.summary["itl_s_p90"] * 1000 for p in ps], alpha=0.15)
         b.plot(xs, [ratios[(v.name, c)]["decode_speedup"] for c in xs], "o-", label=v.name)
     for ax in (a, b):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (prompt tokens)")
         ax.grid(alpha=0.3)
         ax.legend()
-    a.set_ylabel("decode ms / output token (p50, band to p90)")
-    b.set_ylabel("decode speed-up vs source (TPOT p50 ratio)")
+    a.set_ylabel("decode ms / output token (ITL p50, band to p90)")
+    b.set_ylabel("decode speed-up vs source (ITL p50 ratio)")
     b.axhline(1.0, color="grey", lw=0.8)
     fig.suptitle(title + ("\nCPU reference platform: says nothing about GPU speed" if cpu else ""), fontsize=10)
     fig.tight_layout()
@@ -407,6 +484,9 @@ def parse_args(argv=None):
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
     p.add_argument("--num-requests", type=int, default=16, help="measured requests per context (default %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="unmeasured requests per variant before measuring")
+    p.add_argument("--schedule", choices=("waves", "closed"), default="waves",
+                   help="waves: groups of --concurrency requests start together (clean batched decode); "
+                   "closed: a new request as soon as one ends (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (ignore_eos)")
     p.add_argument("--int4-group-size", type=int, default=32, help="must divide the latent width (latentkv inspect)")
     p.add_argument("--variants", default="source,converted,converted+int4")
@@ -507,17 +587,18 @@ def measure_variant(v: Variant, a, env: dict, log_path: Path, max_model_len: int
         if a.warmup:
             s, _ = run_point(srv.base_url, v.name, warm[: a.warmup], max_tokens=a.max_tokens,
                              concurrency=a.concurrency, request_timeout_s=a.request_timeout,
-                             max_duration_s=a.point_timeout)
+                             max_duration_s=a.point_timeout, schedule=a.schedule)
             if s["failed"]:
                 print(f"[{v.name}] warm-up: {s['failed']} failed: {s['errors']}", flush=True)
         for n in a.contexts:
             s, res = run_point(srv.base_url, v.name, prompts[n], max_tokens=a.max_tokens,
                                concurrency=a.concurrency, request_timeout_s=a.request_timeout,
-                               max_duration_s=a.point_timeout)
+                               max_duration_s=a.point_timeout, schedule=a.schedule)
             pt = Point(v.name, n, s, check_prompt_tokens(res, n), res)
             points.append(pt)
             print(f"[{v.name}] context {n}: {s['succeeded']}/{s['requests']} ok, "
-                  f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(s['tpot_s_p50'])} ms/token, "
+                  f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(s['itl_s_p50'])} ms/token (ITL p50), "
+                  f"TPOT p50 {_ms(s['tpot_s_p50'])} ms, "
                   f"{s['throughput_tok_s']:.1f} tok/s" + ("" if pt.prompt_tokens_ok else " PROMPT LENGTH MISMATCH")
                   + (f" errors: {s['errors']}" if s["errors"] else ""), flush=True)
     return points
@@ -557,12 +638,15 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         f"- converted+int4: converted with `--hf-overrides '{json.dumps(variants[-1].hf_overrides or {})}'`"
         if any(v.name == "converted+int4" for v in variants) else "- converted+int4: not run",
         f"- per context: {a.num_requests} requests (each a different prompt of exactly N token ids, "
-        f"greedy, ignore_eos, max_tokens {a.max_tokens}), concurrency {a.concurrency}, streaming; "
+        f"greedy, ignore_eos, max_tokens {a.max_tokens}), concurrency {a.concurrency} "
+        f"(schedule `{a.schedule}`), streaming with per-token timing (`return_token_ids`); "
         f"{a.warmup} warm-up request(s) per server; prefix caching off; `--dtype {a.dtype}`"
         + (f"; extra serve args `{a.serve_args}`" if a.serve_args else ""),
-        f"- TPOT (decode ms/token) = (latency - TTFT) / (output tokens - 1) per request; "
-        f"decode speed-up = source TPOT p50 / variant TPOT p50 at the same context, same run; "
-        f"output tok/s = all output tokens / wall time of the context's batch",
+        f"- decode ms/token (ITL) = percentiles of all inter-token latencies (time between consecutive "
+        f"output tokens) of the context's requests pooled: the decode step time at that context; "
+        f"TPOT = (latency - TTFT) / (output tokens - 1) per request (includes stalls behind other requests' "
+        f"prefills); decode speed-up = source ITL p50 / variant ITL p50 at the same context, same run; "
+        f"output tok/s = all output tokens / wall time of the context's requests",
         f"- environment: {_environment()}" + ("; LATENTKV_CPU_PLATFORM=1" if cpu else ""),
         f"- run: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s total "
         f"including server starts",

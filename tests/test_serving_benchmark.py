@@ -22,18 +22,18 @@ def _load():
 
 
 sb = _load()
-R = sb.lt.RequestResult
+R = sb.TimedResult
 
 
 def _results(ttft: float, tpot: float, n: int, tokens: int = 11, prompt: int = 0) -> list:
     """n requests with TTFT `ttft` and exactly `tpot` seconds per output token after the first."""
-    return [R(ok=True, ttft_s=ttft, latency_s=ttft + tpot * (tokens - 1), completion_tokens=tokens, prompt_tokens=prompt)
-            for _ in range(n)]
+    return [R(ok=True, ttft_s=ttft, latency_s=ttft + tpot * (tokens - 1), completion_tokens=tokens, prompt_tokens=prompt,
+              itl_s=[tpot] * (tokens - 1)) for _ in range(n)]
 
 
 def _point(variant, context, ttft, tpot, wall=1.0, n=4):
     res = _results(ttft, tpot, n, prompt=context)
-    return sb.Point(variant, context, sb.lt.summarize(res, wall), sb.check_prompt_tokens(res, context), res)
+    return sb.Point(variant, context, sb.summarize_point(res, wall), sb.check_prompt_tokens(res, context), res)
 
 
 def test_make_prompts_exact_length_distinct_and_avoid_specials():
@@ -56,6 +56,7 @@ def test_percentile_is_load_test_linear_interpolation():
 def test_tpot_from_synthetic_timings():
     p = _point("source", 1024, ttft=0.5, tpot=0.030)
     assert p.summary["tpot_s_p50"] == pytest.approx(0.030)
+    assert p.summary["itl_s_p50"] == pytest.approx(0.030) and p.summary["itl_count"] == 4 * 10
     assert p.summary["ttft_s_p90"] == pytest.approx(0.5)
     assert p.summary["latency_s_p50"] == pytest.approx(0.5 + 0.3)
     assert p.prompt_tokens_ok
@@ -98,7 +99,8 @@ def test_markdown_table_rows_ordered_and_formatted():
         [" 64 ", " source "], [" 128 ", " source "], [" 128 ", " converted "], [" 128 ", " converted+int4 "]]
     assert "| 160 (25.0%) |" in table and "| 640 (100.0%) |" in table
     row = lines[3]  # source @128
-    assert "| 4/4 |" in row and "| 100.00 / 100.00 |" in row and "| 20.00 / 20.00 |" in row and "| 1.00x |" in row
+    assert "| 4/4 |" in row and "| 100.00 / 100.00 |" in row and "| 20.00 / 20.00 | 20.00 / 20.00 |" in row
+    assert "| 1.00x | 1.00x |" in row
     assert "| 2.00x |" in lines[4] and "| 4.00x |" in lines[5]
 
 
@@ -106,15 +108,17 @@ def test_prompt_length_mismatch_and_failures_flagged():
     res = _results(0.1, 0.01, 2, prompt=127) + [R(ok=False, latency_s=0.0, error="not started: time limit")]
     assert not sb.check_prompt_tokens(res, 128)
     assert sb.check_prompt_tokens(_results(0.1, 0.01, 2, prompt=0), 128)  # server gave no usage
-    p = sb.Point("source", 128, sb.lt.summarize(res, 1.0), False, res)
+    p = sb.Point("source", 128, sb.summarize_point(res, 1.0), False, res)
     table = sb.format_markdown_table([p])
     assert "2/3 (prompt len!)" in table
 
 
 def test_all_failed_point_renders_dashes():
     res = [R(ok=False, latency_s=0.0, error="x")]
-    p = sb.Point("source", 64, sb.lt.summarize(res, 1.0), True, res)
-    assert "| 64 | source | - | 0/1 |" in sb.format_markdown_table([p])
+    p = sb.Point("source", 64, sb.summarize_point(res, 1.0), True, res)
+    table = sb.format_markdown_table([p])
+    assert "| 64 | source | - | 0/1 |" in table
+    assert table.splitlines()[-1].count("|") == table.splitlines()[0].count("|")
 
 
 def test_cpu_smoke_preset_args():
@@ -136,3 +140,41 @@ def test_log_errors_picks_root_cause_not_frames():
     assert "ValueError: latent width 8" in got and "RuntimeError" in got
     assert "File " not in got and "ulimit" not in got
     assert sb.log_errors("a\nb") == "a\nb"  # no error lines: the tail
+
+
+def test_itl_separates_decode_steps_from_prefill_stalls():
+    """A request stalled behind other prefills: TPOT (mean) grows, the pooled ITL median does not."""
+    steady = R(ok=True, ttft_s=0.1, latency_s=0.1 + 0.01 * 10, completion_tokens=11, itl_s=[0.01] * 10)
+    stalled = R(ok=True, ttft_s=0.1, latency_s=0.1 + 0.01 * 9 + 0.5, completion_tokens=11, itl_s=[0.01] * 9 + [0.5])
+    s = sb.summarize_point([steady, stalled, R(ok=False, latency_s=0.0, error="x", itl_s=[9.0])], 1.0)
+    assert s["itl_s_p50"] == pytest.approx(0.01) and s["itl_count"] == 20  # failed request ignored
+    assert s["tpot_s_p90"] > 0.05
+    assert s["itl_s_p90"] == pytest.approx(0.01)  # rank 17.1 of 20 sorted values, one of them 0.5
+
+
+def test_timed_request_counts_tokens_per_chunk(monkeypatch):
+    """SSE parsing: first token -> TTFT; a chunk with k token ids counts as k intervals; usage wins."""
+    import io
+
+    events = [
+        {"choices": [{"text": "", "token_ids": [5]}]},
+        {"choices": [{"text": "a", "token_ids": [6]}]},
+        {"choices": [{"text": "bc", "token_ids": [7, 8]}]},
+        {"choices": [], "usage": {"prompt_tokens": 64, "completion_tokens": 4}},
+    ]
+    body = b"".join(b"data: " + sb.json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    sent = {}
+
+    class Resp(io.BytesIO):
+        def __iter__(self):
+            return iter(self.getvalue().splitlines(keepends=True))
+
+    def fake_request(base, path, payload, key, timeout):
+        sent.update(payload)
+        return Resp(body)
+
+    monkeypatch.setattr(sb.lt, "_request", fake_request)
+    r = sb.timed_request("http://127.0.0.1:1", "m", [5] * 64, 4, 10.0)
+    assert r.ok and r.completion_tokens == 4 and r.prompt_tokens == 64 and r.ttft_s is not None
+    assert len(r.itl_s) == 3 and r.itl_s[1] == r.itl_s[2]
+    assert sent["prompt"] == [5] * 64 and sent["ignore_eos"] and sent["return_token_ids"] and sent["temperature"] == 0.0
