@@ -45,6 +45,7 @@ class ConvertOptions:
     ranks: list[int] | None = None  # per-layer latent widths
     kv_ratio: float | None = None  # target cache size / source cache size
     latent_groups: int = 1  # Palu-style grouped-head latents
+    hadamard: bool = False  # rotate the latent by a block Hadamard folded into the weights (for INT4 caches)
     keep_layers: list[int] = field(default_factory=list)  # left uncompressed
     method: Literal["svd", "activation", "latentllm", "transkv"] = "svd"  # see converters.methods
     transkv_scale: Literal["original", "reduced"] = "original"  # transkv softmax scale: 1/sqrt(d_h) or 1/sqrt(r_k)
@@ -196,7 +197,8 @@ def calibration_tokens(source: SourceModel, opts: ConvertOptions) -> torch.Tenso
 def plan_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, stats) -> LatentPlan:
     dims = source.dims
     G, n_f = dims.num_key_value_heads, dims.head_dim // 2
-    plan = LatentPlan(rope_mode=opts.rope_mode, joint=opts.svd == "joint", k_rank=0, v_rank=0, groups=opts.latent_groups)
+    plan = LatentPlan(rope_mode=opts.rope_mode, joint=opts.svd == "joint", k_rank=0, v_rank=0, groups=opts.latent_groups,
+                      hadamard=opts.hadamard)
     if opts.rope_mode == "partial":
         scores = rs.two_norm_scores(stats.q_pair_norms, stats.k_pair_norms) if stats is not None else None
         plan.pairs = rs.select_partial_pairs(opts.rope_strategy, n_f, G, opts.rope_pairs, scores)

@@ -20,6 +20,7 @@ from typing import Callable, Literal
 import torch
 
 from converters.importers.hf import AttentionWeights
+from converters.math.hadamard import block_hadamard
 from converters.math.lowrank import joint_factors
 from latentkv import format as fmt
 from latentkv.rope import pair_dims
@@ -45,6 +46,7 @@ class LatentPlan:
     rotation: torch.Tensor | None = None  # shared: U [n_f, G, G]
     components: list[tuple[int, int]] | None = None  # shared: kept (pair, component)
     softmax_scale: float | None = None
+    hadamard: bool = False  # rotate the latent by a block Hadamard (better INT4 caches, same model)
 
 
 def _rows(w: torch.Tensor | None, heads: int, dims_per_head: list[list[int]], d_h: int) -> torch.Tensor | None:
@@ -79,6 +81,8 @@ def build_latent_layer(
         latent=fmt.LatentRanks(joint=plan.joint, k_rank=plan.k_rank if d_n else (plan.v_rank if plan.joint else 0), v_rank=plan.v_rank, groups=plan.groups),
         softmax_scale=plan.softmax_scale or fmt.default_softmax_scale(dims.head_dim),
     )
+    if plan.hadamard:
+        latent_a, k_b, v_b = _rotate_latent(latent_a, k_b, v_b, layer.latent)
     tensors["kv_a_proj.weight"] = torch.cat([latent_a, parts["wk_rope"]], dim=0)
     if d_n:
         tensors["k_b_proj.weight"] = k_b
@@ -103,6 +107,24 @@ def build_latent_layer(
         if d_n:
             tensors["k_b_proj.bias"] = bk
     return layer, tensors
+
+
+def _rotate_latent(a: torch.Tensor, k_b, v_b, lat: fmt.LatentRanks):
+    """Rotate every latent chunk by a block Hadamard R: (R A, B R^T) is the same layer (see math.hadamard)."""
+    a = a.clone()
+    ups = {"k": k_b, "v": v_b}
+    parts = [("v", lat.v_slice)] if lat.joint else [("k", lat.k_slice), ("v", lat.v_slice)]
+    for name, part in parts:
+        if ups[name] is None or part.stop == part.start:
+            continue
+        width = (part.stop - part.start) // lat.groups
+        R = block_hadamard(width)
+        chunks = a[part].view(lat.groups, width, -1)
+        a[part] = torch.einsum("ij,gjd->gid", R, chunks).reshape(-1, a.shape[1])
+        ups[name] = ups[name] @ R.T  # every KV head's up-projection reads one chunk of this width
+        if lat.joint:
+            ups["k"] = ups["k"] @ R.T if ups["k"] is not None else None
+    return a, ups["k"], ups["v"]
 
 
 def _reconstruct(a: torch.Tensor, up: torch.Tensor, G: int, n_grp: int) -> torch.Tensor:

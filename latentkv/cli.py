@@ -46,6 +46,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     size.add_argument("--kv-ratio", type=float, help="target KV cache size as a fraction of the source's, e.g. 0.5")
     g.add_argument("--svd", choices=["joint", "split"], default="joint", help="SVD_joint or SVD_split (default: %(default)s)")
     g.add_argument("--latent-groups", type=int, default=1, help="Palu-style grouped-head latents (default: %(default)s)")
+    g.add_argument("--hadamard", action="store_true",
+                   help="rotate the latent by a block Hadamard folded into the weights: the same model, but an INT4 "
+                        "latent cache quantises it better")
     g.add_argument("--keep-layers", type=_int_list, default=[], help="layers left uncompressed, e.g. 0,1")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=["svd", "activation", "latentllm", "transkv"], default="svd",
@@ -86,7 +89,7 @@ def options_from_args(args: argparse.Namespace):
 
     return ConvertOptions(
         rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
-        rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups,
+        rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups, hadamard=args.hadamard,
         keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, centred=args.centred, preconditioner=args.preconditioner, damping=args.damping,
         rank_allocation=args.rank_allocation, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,

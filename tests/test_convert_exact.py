@@ -216,3 +216,16 @@ def test_centred_bias_update_is_exact_on_the_mean_input(sources, name, tmp_path)
     model = load_latent(out)
     assert model.config.spec.attention_bias and model.config.spec.method.params["centred"]
     assert torch.isfinite(model(torch.randint(0, 128, (1, 8))).logits).all()
+
+
+@pytest.mark.parametrize("setting", [dict(svd="joint"), dict(svd="split", latent_groups=2)], ids=["joint", "split-groups"])
+def test_hadamard_rotation_is_the_same_model(sources, setting, tmp_path):
+    """The rotation is folded into kv_a_proj and the up-projections: logits unchanged, latent rotated."""
+    base = dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, rank=16, **setting)
+    plain = load_latent(_convert(sources["qwen2-gqa"], tmp_path / "a", **base))
+    rotated = load_latent(_convert(sources["qwen2-gqa"], tmp_path / "b", hadamard=True, **base))
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(9))
+    assert (plain(ids).logits - rotated(ids).logits).abs().max().item() < 1e-4
+    wa = plain.model.layers[0].self_attn.kv_a_proj.weight[:16]
+    wb = rotated.model.layers[0].self_attn.kv_a_proj.weight[:16]
+    assert (wa - wb).abs().max().item() > 1e-2  # the cached latent really is a different basis
