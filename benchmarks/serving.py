@@ -553,7 +553,8 @@ def main(argv=None) -> int:
         max_model_len = max(a.contexts) + a.max_tokens
         limit = info.get("max_position_embeddings")
         if limit and max_model_len > limit:
-            raise SystemExit(f"max context {max(a.contexts)} + max_tokens {a.max_tokens} > max_position_embeddings {limit}")
+            raise SystemExit(f"max context {max(a.contexts)} + max_tokens {a.max_tokens} > max_position_embeddings "
+                             f"{limit} of the source: use a largest context of at most {limit - a.max_tokens}")
         prompts = {n: make_prompts(n, a.num_requests, vocab, a.seed, avoid) for n in a.contexts}
         warm = make_prompts(min(a.contexts), max(a.warmup, 1), vocab, a.seed + 1, avoid)
         points: list[Point] = []
