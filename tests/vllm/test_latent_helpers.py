@@ -158,7 +158,7 @@ class emulated_int4_cache:
     """Context manager: the reference model's cache stores what the INT4 cache stores.
 
     Latents are quantized and dequantized with the kernels' quantizer (``int4_pack``), rope
-    keys rounded to fp16, at the moment they are cached; attention then reads them back as
+    keys and key scales rounded to fp16, at the moment they are cached; attention then reads them back as
     the engine does. Use with ``use_cache=True`` forwards / ``generate``.
     """
 
@@ -176,8 +176,9 @@ class emulated_int4_cache:
             if "latent" in new:
                 q, s = quantize_int4(new["latent"], g)
                 new["latent"] = dequantize_int4(q, s, g).to(new["latent"].dtype)
-            if "rope" in new:
-                new["rope"] = new["rope"].to(torch.float16).to(new["rope"].dtype)
+            for name in ("rope", "key_scale"):  # fp16 tail of the INT4 row (key scales: q/k-norm partial RoPE)
+                if name in new:
+                    new[name] = new[name].to(torch.float16).to(new[name].dtype)
             return orig(layer, positions, **new)
 
         modeling._LayerEntries.append = append

@@ -7,10 +7,13 @@ converted three ways; one engine each (chunked prefill in 48-token steps, prefix
   rebuilt keys normed per KV head with the [G, d_h] gains, then rotated;
 * partial RoPE with NoPE dims (2 pairs per KV head, d_n = 12), layer 1 kept: the cache row is
   ``[latent | rope keys | G key scales]``, the NoPE score scaled by the cached key scale;
-* partial RoPE with every pair kept (d_n = 0): the rope key is the whole key, normed before RoPE.
+* partial RoPE with every pair kept (d_n = 0): the rope key is the whole key, normed before RoPE;
+* TransKV (``reduced_head`` layers, [d_h] norms before RoPE and the reduction), layer 1 kept.
 
 Each: cache row width == the format's values per token, greedy continuations and teacher-forced
-prompt logprobs == reference (float32).
+prompt logprobs == reference (float32). One more engine: the partial-with-NoPE checkpoint with
+the INT4 cache (key scales stored in fp16 after the rope keys) == the reference whose cache
+stores what the INT4 cache stores.
 """
 
 from __future__ import annotations
@@ -41,7 +44,10 @@ CASES = {
     "partial_nope": dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[24, 32, 20],
                          keep_layers=[1]),
     "partial_all_pairs": dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, svd="joint", ranks=[24, 32, 20]),
+    "transkv": dict(method="transkv", kv_ratio=0.5, keep_layers=[1],
+                    calibration_ids=torch.randint(3, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))),
 }
+INT4_GROUP = 4  # divides the partial_nope latent widths 24 and 20
 
 
 def _prompts() -> list[list[int]]:
@@ -57,7 +63,7 @@ def source(tmp_path_factory):
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, source, tmp_path_factory):
     name = request.param
-    latent = convert_to(source, tmp_path_factory.mktemp(name) / "latent", **CASES[name])
+    latent = convert_to(source, tmp_path_factory.mktemp(name) / "latent", **dict(CASES[name]))
     engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
                     skip_tokenizer_init=True)
     yield name, latent, reference_model(latent), engine
@@ -78,9 +84,13 @@ def test_cache_rows_hold_what_the_format_says(case):
     elif name == "partial_nope":
         assert all(fmt.caches_key_scale(layer, spec) for layer in latent_layers)
         assert rows == [layer.latent.width + G * layer.rope_head_dim + G for layer in latent_layers]
-    else:
-        assert all(layer.qk_nope_head_dim == 0 and not fmt.caches_key_scale(layer, spec) for layer in latent_layers)
-    if name != "partial_all_pairs":
+    elif name == "partial_all_pairs":
+        assert latent_layers and all(layer.qk_nope_head_dim == 0 and not fmt.caches_key_scale(layer, spec)
+                                     for layer in latent_layers)
+    if name == "transkv":
+        assert [layer.kind for layer in spec.layers] == ["reduced_head", "source", "reduced_head"]
+        assert rows == [] and len(caches) == 3
+    elif name != "partial_all_pairs":
         assert [layer.kind for layer in spec.layers] == ["latent", "source", "latent"]
 
 
@@ -99,3 +109,36 @@ def test_prompt_logprobs_match_reference(case):
     _, _, ref, engine = case
     ids = _prompts()[-1]
     torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
+
+
+# --- INT4 cache with key scales --------------------------------------------------------------------
+
+def test_int4_cache_with_key_scales_equals_emulated_reference(source, tmp_path_factory):
+    from test_latent_helpers import emulated_int4_cache, reference_logprobs_cached
+
+    from vllm_latentkv.kernels import int4_row_bytes
+
+    latent = convert_to(source, tmp_path_factory.mktemp("int4") / "latent", **CASES["partial_nope"])
+    spec, dims = latent_spec(latent)
+    G = dims.num_key_value_heads
+    ref = reference_model(latent)
+    ids = _prompts()[-1]
+    with emulated_int4_cache(INT4_GROUP):
+        want = reference_logprobs_cached(ref, ids)
+        greedy = [reference_greedy(ref, p, N_NEW) for p in _prompts()]
+    engine = Engine(latent, hf_overrides={"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP},
+                    max_num_batched_tokens=48, enable_chunked_prefill=True, skip_tokenizer_init=True)
+    try:
+        rows = [shape[-1] for impl, dtype, shape in engine.layer_caches().values() if impl == "LatentKVAttentionImpl"]
+        latent_layers = [layer for layer in spec.layers if layer.kind == "latent"]
+        # packed latent + fp16 (rope keys | G key scales)
+        assert rows == [int4_row_bytes(layer.latent.width, G * layer.rope_head_dim + G, INT4_GROUP)
+                        for layer in latent_layers]
+        diff = (engine.prompt_logprobs(ids) - want).abs()
+        outs = engine.greedy(_prompts(), N_NEW)
+    finally:
+        engine.close()
+    # a latent value on a rounding boundary of the quantizer may land on the other level
+    assert diff.max() < 1e-2 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+    same = sum(a == b for o, g in zip(outs, greedy) for a, b in zip(o.outputs[0].token_ids, g))
+    assert same >= 0.9 * N_NEW * len(greedy)
