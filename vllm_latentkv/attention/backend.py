@@ -7,8 +7,8 @@ prefix caching (every step reads its whole context back from the paged cache).
 
 The backend owns the cache I/O; the math of the layer is in ``layer.py``:
 
-* ``write``: rows ``[c | k_rope]`` (or packed INT4 rows) at the slot mapping;
-* ``read``: one request's rows back, dequantized, for the up-projection (prefill) path;
+* ``write``: rows ``[c | k_rope | key scales]`` (or packed INT4 rows) at the slot mapping;
+* ``read``: one request's rows back, dequantized, for the torch path (key scales split off);
 * ``decode``: absorbed attention over the paged cache for a batch of one-token queries with the
   Triton kernel ``latent_decode_attention[_int4]`` when Triton can run (CUDA, or CPU under
   ``TRITON_INTERPRET=1``), selected by ``LATENTKV_TRITON`` = auto (default) | 1 | 0.
