@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768]
 CPU_SMOKE_CONTEXTS = [64, 128, 256, 448]
+BURSTY = 0.2  # flag client ITLs when more than this share of tokens arrived in bursts
 CPU_NOTE = (
     "**CPU reference platform run: these numbers say nothing about GPU speed.** The latentkv CPU "
     "platform's attention is a pure-PyTorch python loop over requests and layers, so decode time "
@@ -143,6 +144,8 @@ def add_ratios(points: list[Point], baseline: str = "source") -> dict[tuple[str,
         out[(p.variant, p.context)] = {
             "decode_speedup": ratio(b.get("itl_s_p50", math.nan), s.get("itl_s_p50", math.nan)),
             "tpot_speedup": ratio(b.get("tpot_s_p50", math.nan), s.get("tpot_s_p50", math.nan)),
+            "server_itl_speedup": ratio(b.get("server_inter_token_latency_seconds_mean", math.nan),
+                                        s.get("server_inter_token_latency_seconds_mean", math.nan)),
             "ttft_ratio": ratio(s.get("ttft_s_p50", math.nan), b.get("ttft_s_p50", math.nan)),
             "latency_ratio": ratio(s.get("latency_s_p50", math.nan), b.get("latency_s_p50", math.nan)),
             "throughput_ratio": ratio(s.get("throughput_tok_s", math.nan), b.get("throughput_tok_s", math.nan)),
@@ -166,8 +169,9 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
     base_cache = cache.get(baseline)
     rows = sorted(points, key=lambda p: (p.context, order.get(p.variant, len(order)), p.variant))
     head = ("| context | variant | KV bytes/token (vs source) | ok/requests | TTFT p50 / p90 (ms) "
-            "| decode ms/token (ITL) p50 / p90 | TPOT p50 / p90 (ms) | latency p50 / p90 (ms) | output tok/s "
-            "| decode speed-up vs source (ITL p50) | TPOT speed-up | tok/s vs source |")
+            "| decode ms/token (ITL) p50 / p90 | server ITL mean (ms) | TPOT p50 / p90 (ms) | latency p50 / p90 (ms) "
+            "| output tok/s | decode speed-up vs source (ITL p50) | server ITL speed-up | TPOT speed-up "
+            "| tok/s vs source |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for p in rows:
         s, r = p.summary, ratios[(p.variant, p.context)]
@@ -175,15 +179,19 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
         cache_txt = "-" if cb is None else (f"{cb} ({cb / base_cache:.1%})" if base_cache else f"{cb}")
         ok = f"{s.get('succeeded', 0)}/{s.get('requests', 0)}" + ("" if p.prompt_tokens_ok else " (prompt len!)")
         tput = s.get("throughput_tok_s", math.nan)
+        bf = s.get("itl_burst_fraction", math.nan)
+        burst = f" (bursty {bf:.0%})" if _finite(bf) and bf > BURSTY else ""
         lines.append(
             f"| {p.context} | {p.variant} | {cache_txt} | {ok} "
             f"| {_ms(s.get('ttft_s_p50'))} / {_ms(s.get('ttft_s_p90'))} "
-            f"| {_ms(s.get('itl_s_p50'))} / {_ms(s.get('itl_s_p90'))} "
+            f"| {_ms(s.get('itl_s_p50'))} / {_ms(s.get('itl_s_p90'))}{burst} "
+            f"| {_ms(s.get('server_inter_token_latency_seconds_mean'))} "
             f"| {_ms(s.get('tpot_s_p50'))} / {_ms(s.get('tpot_s_p90'))} "
             f"| {_ms(s.get('latency_s_p50'))} / {_ms(s.get('latency_s_p90'))} "
-            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['tpot_speedup'])} | {_x(r['throughput_ratio'])} |"
+            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['server_itl_speedup'])} | {_x(r['tpot_speedup'])} "
+            f"| {_x(r['throughput_ratio'])} |"
             if s.get("succeeded") else
-            f"| {p.context} | {p.variant} | {cache_txt} | {ok} |" + " - |" * 8
+            f"| {p.context} | {p.variant} | {cache_txt} | {ok} |" + " - |" * 10
         )
     return "\n".join(lines)
 
@@ -200,9 +208,10 @@ def speedup_summary(points: list[Point], baseline: str = "source") -> list[str]:
         ctxs = sorted(c for (v, c), r in ratios.items() if v == name and _finite(r["decode_speedup"]))
         if ctxs:
             c = ctxs[-1]
+            r = ratios[(name, c)]
             out.append(f"- {name}: decode speed-up vs {baseline} at context {c}: "
-                       f"**{ratios[(name, c)]['decode_speedup']:.2f}x** (inter-token latency p50 ratio; "
-                       f"TPOT p50 ratio {_x(ratios[(name, c)]['tpot_speedup'])})")
+                       f"**{r['decode_speedup']:.2f}x** (client inter-token latency p50 ratio; server mean "
+                       f"inter-token latency ratio {_x(r['server_itl_speedup'])}; TPOT p50 ratio {_x(r['tpot_speedup'])})")
     return out
 
 
@@ -358,6 +367,54 @@ def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int,
         return TimedResult(ok=False, latency_s=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}{detail}")
 
 
+SERVER_METRICS = ("vllm:inter_token_latency_seconds", "vllm:time_to_first_token_seconds",
+                  "vllm:request_time_per_output_token_seconds")
+
+
+def parse_prometheus(text: str, names=SERVER_METRICS) -> dict[str, float]:
+    """`<name>_sum` and `<name>_count` of the given histograms, summed over label sets."""
+    out: dict[str, float] = {}
+    wanted = {f"{n}{suffix}" for n in names for suffix in ("_sum", "_count")}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key = line.split("{", 1)[0].split(" ", 1)[0]
+        if key in wanted:
+            try:
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+    return out
+
+
+def server_means(before: dict[str, float], after: dict[str, float], names=SERVER_METRICS) -> dict[str, float]:
+    """Mean of each histogram over the observations between two scrapes (NaN if none)."""
+    out = {}
+    for n in names:
+        cnt = after.get(f"{n}_count", 0.0) - before.get(f"{n}_count", 0.0)
+        tot = after.get(f"{n}_sum", 0.0) - before.get(f"{n}_sum", 0.0)
+        out[n.split(":", 1)[1] + "_mean"] = tot / cnt if cnt > 0 else math.nan
+    return out
+
+
+def scrape(base_url: str) -> dict[str, float]:
+    """The server's /metrics (engine-side timings: inter-token latency from engine-core timestamps,
+    so not disturbed by a starved API server or client); {} if unavailable."""
+    try:
+        with lt._request(base_url, "/metrics", None, None, 10.0) as resp:
+            return parse_prometheus(resp.read().decode("utf-8", "replace"))
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def burst_fraction(itl: list[float], reference_s: float) -> float:
+    """Share of client inter-token latencies under 10% of the server's mean: tokens that reached the
+    client in bursts (client or API server starved of CPU), so client-side per-token timing is off."""
+    if not itl or not _finite(reference_s) or reference_s <= 0:
+        return math.nan
+    return sum(x < 0.1 * reference_s for x in itl) / len(itl)
+
+
 def summarize_point(results: list, wall_time_s: float) -> dict:
     """load_test.summarize (latency, TTFT, TPOT percentiles, throughput) plus percentiles of all
     inter-token latencies of the successful requests pooled (`itl_s_p50` ...): the decode step time."""
@@ -387,13 +444,18 @@ def run_point(base_url: str, model: str, prompts: list[list[int]], *, max_tokens
         return timed_request(base_url, model, prompt, max_tokens, request_timeout_s)
 
     groups = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)] if schedule == "waves" else [prompts]
+    before = scrape(base_url)
     t0 = time.perf_counter()
     results = []
     with ThreadPoolExecutor(max_workers=min(concurrency, len(prompts))) as pool:
         for g in groups:
             results += list(pool.map(task, g))
     wall = time.perf_counter() - t0
-    return summarize_point(results, wall), results
+    s = summarize_point(results, wall)
+    s.update({f"server_{k}": v for k, v in server_means(before, scrape(base_url)).items()})
+    s["itl_burst_fraction"] = burst_fraction([x for r in results if r.ok for x in r.itl_s],
+                                             s["server_inter_token_latency_seconds_mean"])
+    return s, results
 
 
 def model_info(path: Path) -> dict:
@@ -401,7 +463,7 @@ def model_info(path: Path) -> dict:
     return cfg.get("text_config", cfg) if "vocab_size" not in cfg else cfg
 
 
-def cache_bytes(source: Path, converted: Path, dtype: str, group: int) -> dict[str, int | None]:
+def cache_bytes(source: Path, converted: Path, dtype: str, group: int, check_int4: bool = True) -> dict[str, int | None]:
     """KV-cache bytes per token of the three variants (format arithmetic; None if unavailable)."""
     out = {"source": None, "converted": None, "converted+int4": None}
     try:
@@ -419,8 +481,15 @@ def cache_bytes(source: Path, converted: Path, dtype: str, group: int) -> dict[s
         rep = fmt.kv_bytes_report(spec, dims, element_bytes=elt)
         out["source"] = rep["source_bytes_per_token"]
         out["converted"] = cache_bytes_per_token(spec, dims, tdt)
-        out["converted+int4"] = cache_bytes_per_token(
-            spec.model_copy(update={"cache_dtype": "int4", "int4_group_size": group}), dims, tdt)
+        try:
+            out["converted+int4"] = cache_bytes_per_token(
+                spec.model_copy(update={"cache_dtype": "int4", "int4_group_size": group}), dims, tdt)
+        except ValueError as exc:  # the plugin would refuse this group size: say so before any server starts
+            if not check_int4:
+                return out
+            raise SystemExit(f"--int4-group-size {group} does not fit {converted}: {exc}") from exc
+    except SystemExit:
+        raise
     except Exception as exc:  # noqa: BLE001 - a missing column, not a failed benchmark
         print(f"note: KV bytes/token not computed ({type(exc).__name__}: {exc})", flush=True)
     return out
@@ -444,8 +513,12 @@ def plot(points: list[Point], variants: list[Variant], path: Path, title: str, c
         a.fill_between(xs, [p.summary["itl_s_p50"] * 1000 for p in ps],
                        [p.summary["itl_s_p90"] * 1000 for p in ps], alpha=0.15)
         b.plot(xs, [ratios[(v.name, c)]["decode_speedup"] for c in xs], "o-", label=v.name)
+    ctxs = sorted({p.context for p in points})
     for ax in (a, b):
         ax.set_xscale("log", base=2)
+        if ctxs:
+            ax.set_xticks(ctxs, [f"{c // 1024}K" if c >= 1024 and c % 1024 == 0 else str(c) for c in ctxs])
+            ax.minorticks_off()
         ax.set_xlabel("context (prompt tokens)")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -535,7 +608,7 @@ def main(argv=None) -> int:
         if a.cpu_smoke and not (a.source and a.converted):
             a.source, a.converted = build_cpu_smoke_models(tmp, a.int4_group_size)
         a.source, a.converted = a.source.resolve(), a.converted.resolve()
-        cb = cache_bytes(a.source, a.converted, a.dtype, a.int4_group_size)
+        cb = cache_bytes(a.source, a.converted, a.dtype, a.int4_group_size, "converted+int4" in a.variants)
         all_variants = {
             "source": Variant("source", str(a.source), None, cb["source"]),
             "converted": Variant("converted", str(a.converted), None, cb["converted"]),
@@ -599,6 +672,7 @@ def measure_variant(v: Variant, a, env: dict, log_path: Path, max_model_len: int
             points.append(pt)
             print(f"[{v.name}] context {n}: {s['succeeded']}/{s['requests']} ok, "
                   f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(s['itl_s_p50'])} ms/token (ITL p50), "
+                  f"server ITL mean {_ms(s['server_inter_token_latency_seconds_mean'])} ms, "
                   f"TPOT p50 {_ms(s['tpot_s_p50'])} ms, "
                   f"{s['throughput_tok_s']:.1f} tok/s" + ("" if pt.prompt_tokens_ok else " PROMPT LENGTH MISMATCH")
                   + (f" errors: {s['errors']}" if s["errors"] else ""), flush=True)
@@ -647,7 +721,11 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         f"output tokens) of the context's requests pooled: the decode step time at that context; "
         f"TPOT = (latency - TTFT) / (output tokens - 1) per request (includes stalls behind other requests' "
         f"prefills); decode speed-up = source ITL p50 / variant ITL p50 at the same context, same run; "
-        f"output tok/s = all output tokens / wall time of the context's requests",
+        f"output tok/s = all output tokens / wall time of the context's requests; "
+        f"server ITL mean = vLLM's own `vllm:inter_token_latency_seconds` histogram (engine-core timestamps) "
+        f"over the context's requests, from /metrics before and after; \"bursty x%\": x% of the client's "
+        f"inter-token gaps were under 10% of the server's mean (tokens delivered in bursts because the "
+        f"client or API server was starved of CPU): trust the server column there",
         f"- environment: {_environment()}" + ("; LATENTKV_CPU_PLATFORM=1" if cpu else ""),
         f"- run: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s total "
         f"including server starts",
@@ -661,8 +739,9 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         *speedup_summary(points),
     ]
     if cpu:
-        md += ["", "Decode speed-ups above are CPU-platform artefacts (python-loop attention, a 260K-parameter "
-               "model whose cache is a few hundred bytes per token); the GPU targets (>= 3x at 32K with a 4x "
+        md += ["", "Decode speed-ups above are CPU-platform artefacts (python-loop attention; a 260K-parameter "
+               "model whose whole fp32 cache is 1.3 KB per token, so no variant is bound by reading it; the latent "
+               "variants add up/down projections and INT4 (de)quantisation as extra python work); the GPU targets (>= 3x at 32K with a 4x "
                "smaller cache, more with INT4) can only be checked on a GPU run."]
     bad = [p for p in points if p.summary["failed"] or not p.prompt_tokens_ok]
     if bad:

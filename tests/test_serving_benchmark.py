@@ -99,8 +99,8 @@ def test_markdown_table_rows_ordered_and_formatted():
         [" 64 ", " source "], [" 128 ", " source "], [" 128 ", " converted "], [" 128 ", " converted+int4 "]]
     assert "| 160 (25.0%) |" in table and "| 640 (100.0%) |" in table
     row = lines[3]  # source @128
-    assert "| 4/4 |" in row and "| 100.00 / 100.00 |" in row and "| 20.00 / 20.00 | 20.00 / 20.00 |" in row
-    assert "| 1.00x | 1.00x |" in row
+    assert "| 4/4 |" in row and "| 100.00 / 100.00 |" in row and "| 20.00 / 20.00 | - | 20.00 / 20.00 |" in row
+    assert "| 1.00x | - | 1.00x |" in row  # no server metrics in synthetic points
     assert "| 2.00x |" in lines[4] and "| 4.00x |" in lines[5]
 
 
@@ -178,3 +178,43 @@ def test_timed_request_counts_tokens_per_chunk(monkeypatch):
     assert r.ok and r.completion_tokens == 4 and r.prompt_tokens == 64 and r.ttft_s is not None
     assert len(r.itl_s) == 3 and r.itl_s[1] == r.itl_s[2]
     assert sent["prompt"] == [5] * 64 and sent["ignore_eos"] and sent["return_token_ids"] and sent["temperature"] == 0.0
+
+
+METRICS_BEFORE = """# HELP vllm:inter_token_latency_seconds Histogram of inter-token latency in seconds.
+# TYPE vllm:inter_token_latency_seconds histogram
+vllm:inter_token_latency_seconds_bucket{engine="0",le="0.01",model_name="source"} 3.0
+vllm:inter_token_latency_seconds_sum{engine="0",model_name="source"} 1.5
+vllm:inter_token_latency_seconds_count{engine="0",model_name="source"} 100.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="source"} 2.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="source"} 10.0
+vllm:num_requests_running{engine="0",model_name="source"} 0.0
+"""
+METRICS_AFTER = METRICS_BEFORE.replace("_sum{engine=\"0\",model_name=\"source\"} 1.5",
+                                       "_sum{engine=\"0\",model_name=\"source\"} 3.5").replace(
+    "_count{engine=\"0\",model_name=\"source\"} 100.0", "_count{engine=\"0\",model_name=\"source\"} 200.0")
+
+
+def test_server_metrics_delta_means():
+    before, after = sb.parse_prometheus(METRICS_BEFORE), sb.parse_prometheus(METRICS_AFTER)
+    assert before["vllm:inter_token_latency_seconds_sum"] == 1.5
+    assert "vllm:num_requests_running" not in before
+    assert not any(k.endswith("_bucket") for k in before)
+    m = sb.server_means(before, after)
+    assert m["inter_token_latency_seconds_mean"] == pytest.approx(2.0 / 100)
+    assert math.isnan(m["time_to_first_token_seconds_mean"])  # no new observations
+    assert math.isnan(m["request_time_per_output_token_seconds_mean"])
+    # two label sets (e.g. two engines) add up
+    two = sb.parse_prometheus(METRICS_BEFORE + METRICS_BEFORE.replace('engine="0"', 'engine="1"'))
+    assert two["vllm:inter_token_latency_seconds_count"] == 200.0
+
+
+def test_burst_fraction_and_table_flag():
+    assert sb.burst_fraction([0.0001] * 3 + [0.01] * 7, 0.01) == pytest.approx(0.3)
+    assert math.isnan(sb.burst_fraction([0.01], math.nan))
+    p = _point("source", 64, 0.1, 0.010)
+    p.summary.update(server_inter_token_latency_seconds_mean=0.012, itl_burst_fraction=0.5)
+    q = _point("converted", 64, 0.1, 0.005)
+    q.summary.update(server_inter_token_latency_seconds_mean=0.004, itl_burst_fraction=0.0)
+    rows = {ln.split("|")[2].strip(): ln for ln in sb.format_markdown_table([p, q]).splitlines()[2:]}
+    assert "(bursty 50%)" in rows["source"] and "bursty" not in rows["converted"]
+    assert "| 12.00 |" in rows["source"] and "| 2.00x | 3.00x |" in rows["converted"]  # ITL 10/5, server 12/4
