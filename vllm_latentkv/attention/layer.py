@@ -11,7 +11,7 @@ holds H_l = H / P query heads and G_l = G / P KV heads; the latent is replicated
     o_proj       [D, H d_h]                 row-parallel
     chunk(g)     latent chunk read by KV head g: g // (G / n_grp)
     slot(h)      rope key head read by query head h: h // (H / R_H)
-    cache row    [c | RoPE(k_rope)] per token (``cache.py``; INT4: packed latent + fp16 rope)
+    cache row    [c | RoPE(k_rope) | key scales] per token (``cache.py``; INT4: packed latent + fp16 tail)
 
 Prefill ("expand", MHA2MLA / DeepSeek-V2 training form), per request, context read back from
 the paged cache so that chunked prefill and prefix caching see exactly what decode sees:
@@ -39,7 +39,10 @@ RoPE. Partial with NoPE dims: the row gains G key scales, ``[c | rope keys | s]`
 s_g = 1/rms([W_uk[g] c_k + b_k | raw rope key g]), cached rope key = gain_rope s raw (rotated);
 the NoPE score of key t is s_t,g (q_nope gain_nope) . (W_uk c_k,t + b_k) (the b_k term is then no
 longer constant over t and is kept). Key-scale layers take the torch path. Latent groups (Palu, n_grp > 1) reach the kernel as a query that is
-zero outside its chunk, so one pass over the page serves all groups.
+zero outside its chunk, so one pass over the page serves all groups. Full RoPE decodes on
+``full_rope_decode_attention[_int4]`` (keys rebuilt and rotated in the kernel) when the latent is
+split and the keys have neither bias nor norm. Both kernels follow ``LATENTKV_TRITON``; layers
+with key scales always take the torch path.
 """
 
 from __future__ import annotations
