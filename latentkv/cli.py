@@ -189,9 +189,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"[1/4] importing the real pretrained stories260K (llama2.c) into {src}")
     import_llama2c(*packaged_stories260k(), src, overwrite=True)
     opts = ConvertOptions(rope_mode="full", svd="joint", kv_ratio=args.kv_ratio, method="activation",
-                          preconditioner="root_covariance", calibration_text=str(DATA / "text" / "tinystories_a.txt"))
+                          preconditioner="root_covariance", centred=True,
+                          calibration_text=str(DATA / "text" / "tinystories_a.txt"))
     print(f"[2/4] converting to a latent-KV checkpoint ({opts.rope_mode} RoPE, {opts.svd} SVD, {opts.method} method with "
-          f"{opts.preconditioner} pre-conditioner, KV ratio {opts.kv_ratio}) into {out}")
+          f"{opts.preconditioner} pre-conditioner{' (centred, bias update)' if opts.centred else ''}, KV ratio {opts.kv_ratio}) into {out}")
     convert(src, out, opts, overwrite=True)
     print(inspect_table(out))
     text = DATA / "text" / "tinystories_sample.txt"
