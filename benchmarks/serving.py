@@ -124,6 +124,13 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))
 
 
+def decode_s(summary: dict, q: int = 50) -> float:
+    """Decode seconds per output token: the steady (all prefills done) per-request TPOT when the
+    waves schedule measured it, else the plain per-request TPOT."""
+    x = summary.get(f"steady_tpot_s_p{q}", math.nan)
+    return x if _finite(x) else summary.get(f"tpot_s_p{q}", math.nan)
+
+
 def ratio(num: float, den: float) -> float:
     """num / den, NaN when either side is missing or den is 0."""
     if not (_finite(num) and _finite(den)) or den == 0:
@@ -132,8 +139,9 @@ def ratio(num: float, den: float) -> float:
 
 
 def add_ratios(points: list[Point], baseline: str = "source") -> dict[tuple[str, int], dict]:
-    """Per (variant, context): decode speed-up = baseline inter-token latency p50 / the variant's
-    (the decode step time), the same for TPOT p50 (mean decode time per request, includes stalls),
+    """Per (variant, context): decode speed-up = baseline decode_s p50 / the variant's (steady
+    decode seconds per token, median over requests), the same for the pooled client inter-token
+    latency p50, the server's mean inter-token latency and TPOT p50 (includes prefill stalls),
     TTFT and latency ratios (variant p50 / baseline p50) and throughput ratio (variant tok/s /
     baseline tok/s)."""
     base = {p.context: p.summary for p in points if p.variant == baseline}
@@ -142,7 +150,8 @@ def add_ratios(points: list[Point], baseline: str = "source") -> dict[tuple[str,
         b = base.get(p.context, {})
         s = p.summary
         out[(p.variant, p.context)] = {
-            "decode_speedup": ratio(b.get("itl_s_p50", math.nan), s.get("itl_s_p50", math.nan)),
+            "decode_speedup": ratio(decode_s(b) if b else math.nan, decode_s(s)),
+            "itl_speedup": ratio(b.get("itl_s_p50", math.nan), s.get("itl_s_p50", math.nan)),
             "tpot_speedup": ratio(b.get("tpot_s_p50", math.nan), s.get("tpot_s_p50", math.nan)),
             "server_itl_speedup": ratio(b.get("server_inter_token_latency_seconds_mean", math.nan),
                                         s.get("server_inter_token_latency_seconds_mean", math.nan)),
@@ -169,9 +178,9 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
     base_cache = cache.get(baseline)
     rows = sorted(points, key=lambda p: (p.context, order.get(p.variant, len(order)), p.variant))
     head = ("| context | variant | KV bytes/token (vs source) | ok/requests | TTFT p50 / p90 (ms) "
-            "| decode ms/token (ITL) p50 / p90 | server ITL mean (ms) | TPOT p50 / p90 (ms) | latency p50 / p90 (ms) "
-            "| output tok/s | decode speed-up vs source (ITL p50) | server ITL speed-up | TPOT speed-up "
-            "| tok/s vs source |")
+            "| **decode ms/token** p50 / p90 | client ITL p50 / p90 (ms) | server ITL mean (ms) "
+            "| TPOT incl. stalls p50 / p90 (ms) | latency p50 / p90 (ms) | output tok/s "
+            "| **decode speed-up vs source** | server ITL speed-up | tok/s vs source |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for p in rows:
         s, r = p.summary, ratios[(p.variant, p.context)]
@@ -184,11 +193,12 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
         lines.append(
             f"| {p.context} | {p.variant} | {cache_txt} | {ok} "
             f"| {_ms(s.get('ttft_s_p50'))} / {_ms(s.get('ttft_s_p90'))} "
+            f"| {_ms(decode_s(s, 50))} / {_ms(decode_s(s, 90))} "
             f"| {_ms(s.get('itl_s_p50'))} / {_ms(s.get('itl_s_p90'))}{burst} "
             f"| {_ms(s.get('server_inter_token_latency_seconds_mean'))} "
             f"| {_ms(s.get('tpot_s_p50'))} / {_ms(s.get('tpot_s_p90'))} "
             f"| {_ms(s.get('latency_s_p50'))} / {_ms(s.get('latency_s_p90'))} "
-            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['server_itl_speedup'])} | {_x(r['tpot_speedup'])} "
+            f"| {tput:.1f} | {_x(r['decode_speedup'])} | {_x(r['server_itl_speedup'])} "
             f"| {_x(r['throughput_ratio'])} |"
             if s.get("succeeded") else
             f"| {p.context} | {p.variant} | {cache_txt} | {ok} |" + " - |" * 10
@@ -210,8 +220,9 @@ def speedup_summary(points: list[Point], baseline: str = "source") -> list[str]:
             c = ctxs[-1]
             r = ratios[(name, c)]
             out.append(f"- {name}: decode speed-up vs {baseline} at context {c}: "
-                       f"**{r['decode_speedup']:.2f}x** (client inter-token latency p50 ratio; server mean "
-                       f"inter-token latency ratio {_x(r['server_itl_speedup'])}; TPOT p50 ratio {_x(r['tpot_speedup'])})")
+                       f"**{r['decode_speedup']:.2f}x** (decode ms/token p50 ratio; server mean inter-token "
+                       f"latency ratio {_x(r['server_itl_speedup'])}, client ITL p50 ratio {_x(r['itl_speedup'])}, "
+                       f"TPOT incl. stalls p50 ratio {_x(r['tpot_speedup'])})")
     return out
 
 
@@ -321,6 +332,26 @@ class TimedResult(lt.RequestResult):
     latencies): a streamed chunk of k tokens after dt seconds counts as k intervals of dt / k."""
 
     itl_s: list = field(default_factory=list)
+    t_start: float = 0.0  # time.perf_counter() when the request was sent
+    token_times: list = field(default_factory=list)  # seconds after t_start at which each output token arrived
+
+
+def steady_decode_tpot(wave: list) -> list[float]:
+    """Per request of one wave (requests started together): decode seconds per token counted only
+    after the LAST request of the wave got its first token, i.e. once every prefill of the wave is
+    done and the batch is pure decode at this context. Uses only the first and last token arrival
+    after that moment, so tokens delivered in bursts do not matter. Requests with fewer than
+    2 tokens after it give nothing."""
+    ok = [r for r in wave if r.ok and r.token_times]
+    if not ok:
+        return []
+    ready = max(r.t_start + r.token_times[0] for r in ok)
+    out = []
+    for r in ok:
+        after = [r.t_start + t for t in r.token_times if r.t_start + t > ready]
+        if len(after) >= 2 and after[-1] > after[0]:
+            out.append((after[-1] - after[0]) / (len(after) - 1))
+    return out
 
 
 def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int, timeout: float) -> TimedResult:
@@ -333,7 +364,7 @@ def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int,
     t0 = time.perf_counter()
     try:
         with lt._request(base_url, "/v1/completions", payload, None, timeout) as resp:
-            ttft, last, itl, usage = None, None, [], None
+            ttft, last, itl, usage, times = None, None, [], None, []
             for raw in resp:  # server-sent events: "data: {...}" ... "data: [DONE]"
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
@@ -348,6 +379,7 @@ def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int,
                 if not k:
                     continue
                 now = time.perf_counter()
+                times += [now - t0] * k
                 if ttft is None:
                     ttft, k = now - t0, k - 1  # the first token's wait is the TTFT
                 if k:
@@ -356,7 +388,8 @@ def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int,
             latency = time.perf_counter() - t0
             return TimedResult(ok=True, latency_s=latency, ttft_s=ttft,
                                completion_tokens=int(usage["completion_tokens"]) if usage else len(itl) + (ttft is not None),
-                               prompt_tokens=int(usage.get("prompt_tokens", 0)) if usage else 0, itl_s=itl)
+                               prompt_tokens=int(usage.get("prompt_tokens", 0)) if usage else 0, itl_s=itl,
+                               t_start=t0, token_times=times)
     except Exception as exc:  # noqa: BLE001 - every failure is a data point
         detail = ""
         if isinstance(exc, urllib.error.HTTPError):
@@ -415,7 +448,7 @@ def burst_fraction(itl: list[float], reference_s: float) -> float:
     return sum(x < 0.1 * reference_s for x in itl) / len(itl)
 
 
-def summarize_point(results: list, wall_time_s: float) -> dict:
+def summarize_point(results: list, wall_time_s: float, steady: list[float] | None = None) -> dict:
     """load_test.summarize (latency, TTFT, TPOT percentiles, throughput) plus percentiles of all
     inter-token latencies of the successful requests pooled (`itl_s_p50` ...): the decode step time."""
     s = lt.summarize(results, wall_time_s)
@@ -424,6 +457,9 @@ def summarize_point(results: list, wall_time_s: float) -> dict:
         s[f"itl_s_p{q}"] = percentile(itl, q)
     s["itl_s_mean"] = sum(itl) / len(itl) if itl else math.nan
     s["itl_count"] = len(itl)
+    for q in (50, 90):
+        s[f"steady_tpot_s_p{q}"] = percentile(steady or [], q)
+    s["steady_count"] = len(steady or [])
     return s
 
 
@@ -446,12 +482,15 @@ def run_point(base_url: str, model: str, prompts: list[list[int]], *, max_tokens
     groups = [prompts[i:i + concurrency] for i in range(0, len(prompts), concurrency)] if schedule == "waves" else [prompts]
     before = scrape(base_url)
     t0 = time.perf_counter()
-    results = []
+    results, steady = [], []
     with ThreadPoolExecutor(max_workers=min(concurrency, len(prompts))) as pool:
         for g in groups:
-            results += list(pool.map(task, g))
+            wave = list(pool.map(task, g))
+            results += wave
+            if schedule == "waves":
+                steady += steady_decode_tpot(wave)
     wall = time.perf_counter() - t0
-    s = summarize_point(results, wall)
+    s = summarize_point(results, wall, steady)
     s.update({f"server_{k}": v for k, v in server_means(before, scrape(base_url)).items()})
     s["itl_burst_fraction"] = burst_fraction([x for r in results if r.ok for x in r.itl_s],
                                              s["server_inter_token_latency_seconds_mean"])
@@ -504,14 +543,14 @@ def plot(points: list[Point], variants: list[Variant], path: Path, title: str, c
     ratios = add_ratios(points)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     for v in variants:
-        ps = sorted((p for p in points if p.variant == v.name and _finite(p.summary.get("itl_s_p50"))),
+        ps = sorted((p for p in points if p.variant == v.name and _finite(decode_s(p.summary))),
                     key=lambda p: p.context)
         if not ps:
             continue
         xs = [p.context for p in ps]
-        a.plot(xs, [p.summary["itl_s_p50"] * 1000 for p in ps], "o-", label=v.name)
-        a.fill_between(xs, [p.summary["itl_s_p50"] * 1000 for p in ps],
-                       [p.summary["itl_s_p90"] * 1000 for p in ps], alpha=0.15)
+        a.plot(xs, [decode_s(p.summary, 50) * 1000 for p in ps], "o-", label=v.name)
+        a.fill_between(xs, [decode_s(p.summary, 50) * 1000 for p in ps],
+                       [decode_s(p.summary, 90) * 1000 for p in ps], alpha=0.15)
         b.plot(xs, [ratios[(v.name, c)]["decode_speedup"] for c in xs], "o-", label=v.name)
     ctxs = sorted({p.context for p in points})
     for ax in (a, b):
@@ -522,8 +561,8 @@ def plot(points: list[Point], variants: list[Variant], path: Path, title: str, c
         ax.set_xlabel("context (prompt tokens)")
         ax.grid(alpha=0.3)
         ax.legend()
-    a.set_ylabel("decode ms / output token (ITL p50, band to p90)")
-    b.set_ylabel("decode speed-up vs source (ITL p50 ratio)")
+    a.set_ylabel("decode ms / output token (p50, band to p90)")
+    b.set_ylabel("decode speed-up vs source (p50 ratio)")
     b.axhline(1.0, color="grey", lw=0.8)
     fig.suptitle(title + ("\nCPU reference platform: says nothing about GPU speed" if cpu else ""), fontsize=10)
     fig.tight_layout()
@@ -671,7 +710,8 @@ def measure_variant(v: Variant, a, env: dict, log_path: Path, max_model_len: int
             pt = Point(v.name, n, s, check_prompt_tokens(res, n), res)
             points.append(pt)
             print(f"[{v.name}] context {n}: {s['succeeded']}/{s['requests']} ok, "
-                  f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(s['itl_s_p50'])} ms/token (ITL p50), "
+                  f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(decode_s(s))} ms/token, "
+                  f"client ITL p50 {_ms(s['itl_s_p50'])} ms, "
                   f"server ITL mean {_ms(s['server_inter_token_latency_seconds_mean'])} ms, "
                   f"TPOT p50 {_ms(s['tpot_s_p50'])} ms, "
                   f"{s['throughput_tok_s']:.1f} tok/s" + ("" if pt.prompt_tokens_ok else " PROMPT LENGTH MISMATCH")
@@ -717,15 +757,16 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         f"(schedule `{a.schedule}`), streaming with per-token timing (`return_token_ids`); "
         f"{a.warmup} warm-up request(s) per server; prefix caching off; `--dtype {a.dtype}`"
         + (f"; extra serve args `{a.serve_args}`" if a.serve_args else ""),
-        f"- decode ms/token (ITL) = percentiles of all inter-token latencies (time between consecutive "
-        f"output tokens) of the context's requests pooled: the decode step time at that context; "
-        f"TPOT = (latency - TTFT) / (output tokens - 1) per request (includes stalls behind other requests' "
-        f"prefills); decode speed-up = source ITL p50 / variant ITL p50 at the same context, same run; "
-        f"output tok/s = all output tokens / wall time of the context's requests; "
-        f"server ITL mean = vLLM's own `vllm:inter_token_latency_seconds` histogram (engine-core timestamps) "
-        f"over the context's requests, from /metrics before and after; \"bursty x%\": x% of the client's "
-        f"inter-token gaps were under 10% of the server's mean (tokens delivered in bursts because the "
-        f"client or API server was starved of CPU): trust the server column there",
+        f"- **decode ms/token** = per request, (last - first token arrival) / (tokens - 1) counting only "
+        f"tokens that arrived after every request of its wave had its first token (all prefills done: "
+        f"pure batched decode at this context; only two timestamps, so bursty delivery does not matter); "
+        f"p50 / p90 over requests" + ("" if a.schedule == "waves" else " (schedule closed: plain TPOT instead)") + "; "
+        f"**decode speed-up** = source decode ms/token p50 / variant's, same context, same run",
+        f"- client ITL = all gaps between consecutive output tokens at the client, pooled; \"bursty x%\": x% of "
+        f"them were under 10% of the server's mean (tokens reached the client in bursts: API server or client "
+        f"short of CPU); server ITL mean = vLLM's `vllm:inter_token_latency_seconds` histogram (engine-core "
+        f"timestamps) over the context's requests, /metrics before vs after; TPOT incl. stalls = (latency - "
+        f"TTFT) / (tokens - 1) per request; output tok/s = output tokens / wall time of the context's requests",
         f"- environment: {_environment()}" + ("; LATENTKV_CPU_PLATFORM=1" if cpu else ""),
         f"- run: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, {elapsed:.0f} s total "
         f"including server starts",

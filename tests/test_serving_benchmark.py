@@ -177,6 +177,7 @@ def test_timed_request_counts_tokens_per_chunk(monkeypatch):
     r = sb.timed_request("http://127.0.0.1:1", "m", [5] * 64, 4, 10.0)
     assert r.ok and r.completion_tokens == 4 and r.prompt_tokens == 64 and r.ttft_s is not None
     assert len(r.itl_s) == 3 and r.itl_s[1] == r.itl_s[2]
+    assert len(r.token_times) == 4 and r.token_times[0] == pytest.approx(r.ttft_s) and r.token_times[2] == r.token_times[3]
     assert sent["prompt"] == [5] * 64 and sent["ignore_eos"] and sent["return_token_ids"] and sent["temperature"] == 0.0
 
 
@@ -218,3 +219,27 @@ def test_burst_fraction_and_table_flag():
     rows = {ln.split("|")[2].strip(): ln for ln in sb.format_markdown_table([p, q]).splitlines()[2:]}
     assert "(bursty 50%)" in rows["source"] and "bursty" not in rows["converted"]
     assert "| 12.00 |" in rows["source"] and "| 2.00x | 3.00x |" in rows["converted"]  # ITL 10/5, server 12/4
+
+
+def test_steady_decode_counts_only_after_every_prefill_of_the_wave():
+    # request a: first token at 0.1, then one token every 0.01 s, but stalled 0.2 s while b prefills
+    a_times = [0.1, 0.11, 0.12, 0.32] + [0.32 + 0.01 * i for i in range(1, 7)]
+    # request b: sent at the same moment, first token at 0.31 (after its prefill), then every 0.01 s
+    b_times = [0.31 + 0.01 * i for i in range(10)]
+    # b's tokens arrive in bursts of two: only endpoints are used
+    b_burst = [b_times[0]] + [b_times[i + 1 - (i % 2)] for i in range(1, 9)] + [b_times[9]]  # 2,3 | 4,5 | ... together
+    a = R(ok=True, latency_s=a_times[-1], ttft_s=0.1, completion_tokens=10, t_start=100.0, token_times=a_times)
+    b = R(ok=True, latency_s=b_times[-1], ttft_s=0.31, completion_tokens=10, t_start=100.0, token_times=b_burst)
+    got = sb.steady_decode_tpot([a, b, R(ok=False, latency_s=0.0, error="x")])
+    assert got == [pytest.approx(0.01), pytest.approx(0.01)]
+    tpot_a = (a_times[-1] - 0.1) / 9
+    assert tpot_a > 0.03  # the plain TPOT sees the stall
+    assert sb.steady_decode_tpot([R(ok=False, latency_s=0.0)]) == []
+
+
+def test_decode_s_prefers_steady_and_falls_back_to_tpot():
+    assert sb.decode_s({"steady_tpot_s_p50": 0.01, "tpot_s_p50": 0.03}) == 0.01
+    assert sb.decode_s({"steady_tpot_s_p50": math.nan, "tpot_s_p50": 0.03}) == 0.03
+    assert sb.decode_s({"steady_tpot_s_p90": 0.02, "tpot_s_p90": 0.05}, 90) == 0.02
+    s = sb.summarize_point(_results(0.1, 0.02, 2), 1.0, steady=[0.01, 0.03])
+    assert s["steady_tpot_s_p50"] == pytest.approx(0.02) and s["steady_count"] == 2
