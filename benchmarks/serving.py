@@ -5,26 +5,32 @@ For each variant one `vllm serve MODEL` subprocess is started on 127.0.0.1 (free
 for /health, stopped by process group). The INT4 variant is the converted model with
 ``--hf-overrides '{"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": G}'``.
 At every context N, requests whose prompt is exactly N token ids (``/v1/completions`` with
-``prompt`` = list of ints, greedy, ``ignore_eos``, ``max_tokens`` M, streaming) are sent at most C
-at a time; each request has a different prompt, and prefix caching is off, so every request
-prefills N tokens. Per (variant, N) it reports medians and p90 of time to first token (TTFT),
-time per output token (TPOT = decode time / (tokens - 1)), end-to-end latency, output tokens/s,
-and the ratio to the source measured in the same run: decode speed-up = source TPOT p50 /
-variant TPOT p50. Writes ``benchmarks/results/serving_<tag>.md`` (table), ``.png`` (decode
-ms/token vs context) and ``.json`` (every request).
+``prompt`` = list of ints, greedy, ``ignore_eos``, ``max_tokens`` M, streaming with vLLM's
+``return_token_ids`` so every token is timed) are sent in waves of C concurrent requests; each
+request has a different prompt and prefix caching is off, so every request prefills N tokens.
+Per (variant, N) it reports medians and p90 of time to first token (TTFT), decode time per output
+token, end-to-end latency and output tokens/s, and the ratios to the source measured in the same
+run. Decode ms/token is measured per request over the tokens that arrive after every request of
+its wave has its first token (pure batched decode at context N, first/last arrival only);
+cross-checks: pooled client inter-token latencies, vLLM's own inter-token-latency histogram from
+/metrics (engine-core timestamps), and plain TPOT = (latency - TTFT) / (tokens - 1).
+Writes ``benchmarks/results/serving_<tag>.md`` (table), ``.png`` (decode ms/token and speed-up vs
+context) and ``.json`` (every request).
 
-GPU box (one model pair, contexts 1K..32K):
+GPU box (one model pair, contexts 1K..32K; the source's max_position_embeddings must be at least
+32768 + max_tokens, else end --contexts lower):
 
-    python benchmarks/serving.py --source /models/Llama-3.1-8B-Instruct \\
-        --converted /models/llama-3.1-8b-latent --int4-group-size 32 --tag llama8b_h100
+    python benchmarks/serving.py --source /models/Llama-3.1-8B-Instruct \
+        --converted /models/llama-3.1-8b-latent --int4-group-size 32 --tag llama8b_h100 \
+        [--concurrency 4 --num-requests 16 --max-tokens 128 --serve-args "--gpu-memory-utilization 0.9"]
 
 CPU smoke (this repo's stories260K, real vLLM engine on the latentkv CPU reference platform;
 says nothing about GPU speed):
 
     python benchmarks/serving.py --cpu-smoke
 
-The HTTP client is examples/load_test.py (one_request/summarize/percentile). Only 127.0.0.1 is
-contacted; request counts, per-request timeouts, per-point wall time and server start time are
+The HTTP layer (no proxies, no redirects), RequestResult, summarize() and percentile() come from
+examples/load_test.py; the streaming parser here adds per-token times. Only 127.0.0.1 is contacted; request counts, per-request timeouts, per-point wall time and server start time are
 bounded.
 """
 
@@ -131,6 +137,16 @@ def decode_s(summary: dict, q: int = 50) -> float:
     return x if _finite(x) else summary.get(f"tpot_s_p{q}", math.nan)
 
 
+def client_timing_suspect(summary: dict) -> bool:
+    """Client-side per-token timing disagrees with the engine: many tokens arrived in bursts, or the
+    decode time per token is under half the server's mean inter-token latency (a whole stream
+    delivered at once because the API server or the client was short of CPU)."""
+    server = summary.get("server_inter_token_latency_seconds_mean", math.nan)
+    bf = summary.get("itl_burst_fraction", math.nan)
+    d = decode_s(summary)
+    return (_finite(bf) and bf > BURSTY) or (_finite(server) and _finite(d) and d < 0.5 * server)
+
+
 def ratio(num: float, den: float) -> float:
     """num / den, NaN when either side is missing or den is 0."""
     if not (_finite(num) and _finite(den)) or den == 0:
@@ -193,7 +209,7 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
         lines.append(
             f"| {p.context} | {p.variant} | {cache_txt} | {ok} "
             f"| {_ms(s.get('ttft_s_p50'))} / {_ms(s.get('ttft_s_p90'))} "
-            f"| {_ms(decode_s(s, 50))} / {_ms(decode_s(s, 90))} "
+            f"| {_ms(decode_s(s, 50))} / {_ms(decode_s(s, 90))}{' (suspect)' if client_timing_suspect(s) else ''} "
             f"| {_ms(s.get('itl_s_p50'))} / {_ms(s.get('itl_s_p90'))}{burst} "
             f"| {_ms(s.get('server_inter_token_latency_seconds_mean'))} "
             f"| {_ms(s.get('tpot_s_p50'))} / {_ms(s.get('tpot_s_p90'))} "
@@ -219,10 +235,13 @@ def speedup_summary(points: list[Point], baseline: str = "source") -> list[str]:
         if ctxs:
             c = ctxs[-1]
             r = ratios[(name, c)]
+            suspect = any(client_timing_suspect(p.summary) for p in points
+                          if p.context == c and p.variant in (name, baseline))
             out.append(f"- {name}: decode speed-up vs {baseline} at context {c}: "
                        f"**{r['decode_speedup']:.2f}x** (decode ms/token p50 ratio; server mean inter-token "
                        f"latency ratio {_x(r['server_itl_speedup'])}, client ITL p50 ratio {_x(r['itl_speedup'])}, "
-                       f"TPOT incl. stalls p50 ratio {_x(r['tpot_speedup'])})")
+                       f"TPOT incl. stalls p50 ratio {_x(r['tpot_speedup'])})"
+                       + (": client timing suspect at this point (see table), use the server ratio" if suspect else ""))
     return out
 
 
@@ -551,7 +570,12 @@ def plot(points: list[Point], variants: list[Variant], path: Path, title: str, c
         a.plot(xs, [decode_s(p.summary, 50) * 1000 for p in ps], "o-", label=v.name)
         a.fill_between(xs, [decode_s(p.summary, 50) * 1000 for p in ps],
                        [decode_s(p.summary, 90) * 1000 for p in ps], alpha=0.15)
-        b.plot(xs, [ratios[(v.name, c)]["decode_speedup"] for c in xs], "o-", label=v.name)
+        line = b.plot(xs, [ratios[(v.name, c)]["decode_speedup"] for c in xs], "o-", label=v.name)[0]
+        srv = [p.summary.get("server_inter_token_latency_seconds_mean", math.nan) for p in ps]
+        if any(_finite(x) for x in srv):
+            a.plot(xs, [x * 1000 for x in srv], "x--", color=line.get_color(), alpha=0.7, label=f"{v.name} (server ITL mean)")
+            b.plot(xs, [ratios[(v.name, c)]["server_itl_speedup"] for c in xs], "x--", color=line.get_color(),
+                   alpha=0.7, label=f"{v.name} (server ITL)")
     ctxs = sorted({p.context for p in points})
     for ax in (a, b):
         ax.set_xscale("log", base=2)
@@ -560,7 +584,7 @@ def plot(points: list[Point], variants: list[Variant], path: Path, title: str, c
             ax.minorticks_off()
         ax.set_xlabel("context (prompt tokens)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     a.set_ylabel("decode ms / output token (p50, band to p90)")
     b.set_ylabel("decode speed-up vs source (p50 ratio)")
     b.axhline(1.0, color="grey", lw=0.8)
@@ -620,7 +644,7 @@ def parse_args(argv=None):
         a.dtype = "float32"
         if a.contexts == ",".join(map(str, DEFAULT_CONTEXTS)):
             a.contexts = ",".join(map(str, CPU_SMOKE_CONTEXTS))
-        for k, default, smoke in (("concurrency", 4, 2), ("num_requests", 16, 6), ("max_tokens", 128, 32),
+        for k, default, smoke in (("concurrency", 4, 2), ("num_requests", 16, 8), ("max_tokens", 128, 48),
                                   ("int4_group_size", 32, 8), ("warmup", 2, 1)):
             if getattr(a, k) == default:
                 setattr(a, k, smoke)
@@ -764,7 +788,9 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         f"**decode speed-up** = source decode ms/token p50 / variant's, same context, same run",
         f"- client ITL = all gaps between consecutive output tokens at the client, pooled; \"bursty x%\": x% of "
         f"them were under 10% of the server's mean (tokens reached the client in bursts: API server or client "
-        f"short of CPU); server ITL mean = vLLM's `vllm:inter_token_latency_seconds` histogram (engine-core "
+        f"short of CPU); \"(suspect)\": the client's decode ms/token is bursty or under half the server's "
+        f"mean inter-token latency, i.e. the client did not see tokens when they were made: use the server "
+        f"column for that point; server ITL mean = vLLM's `vllm:inter_token_latency_seconds` histogram (engine-core "
         f"timestamps) over the context's requests, /metrics before vs after; TPOT incl. stalls = (latency - "
         f"TTFT) / (tokens - 1) per request; output tok/s = output tokens / wall time of the context's requests",
         f"- environment: {_environment()}" + ("; LATENTKV_CPU_PLATFORM=1" if cpu else ""),

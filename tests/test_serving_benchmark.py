@@ -243,3 +243,15 @@ def test_decode_s_prefers_steady_and_falls_back_to_tpot():
     assert sb.decode_s({"steady_tpot_s_p90": 0.02, "tpot_s_p90": 0.05}, 90) == 0.02
     s = sb.summarize_point(_results(0.1, 0.02, 2), 1.0, steady=[0.01, 0.03])
     assert s["steady_tpot_s_p50"] == pytest.approx(0.02) and s["steady_count"] == 2
+
+
+def test_client_timing_suspect_flags_streams_delivered_at_once():
+    ok = {"steady_tpot_s_p50": 0.005, "server_inter_token_latency_seconds_mean": 0.006, "itl_burst_fraction": 0.0}
+    assert not sb.client_timing_suspect(ok)
+    assert sb.client_timing_suspect({**ok, "steady_tpot_s_p50": 0.00001})  # whole stream at once
+    assert sb.client_timing_suspect({**ok, "itl_burst_fraction": 0.5})
+    assert not sb.client_timing_suspect({"steady_tpot_s_p50": 0.005})  # no server metrics: nothing to compare
+    p = _point("source", 64, 0.1, 0.00001)
+    p.summary.update(server_inter_token_latency_seconds_mean=0.004, itl_burst_fraction=0.9)
+    table = sb.format_markdown_table([p])
+    assert "(suspect)" in table and "(bursty 90%)" in table
