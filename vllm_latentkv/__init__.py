@@ -20,10 +20,8 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    _registered = True
-    # Model and attention-backend registration go here (imports of vLLM inside
-    # this function only, never at module level).
-    _register_latent_model()
+    _register_latent_model()  # vLLM is imported inside, never at module level
+    _registered = True  # only once it worked: a failed attempt may be retried
 
 
 def _register_latent_model() -> None:
