@@ -138,13 +138,13 @@ def decode_s(summary: dict, q: int = 50) -> float:
 
 
 def client_timing_suspect(summary: dict) -> bool:
-    """Client-side per-token timing disagrees with the engine: many tokens arrived in bursts, or the
-    decode time per token is under half the server's mean inter-token latency (a whole stream
-    delivered at once because the API server or the client was short of CPU)."""
+    """The client's decode time per token is under half the engine's mean inter-token latency: the
+    client did not see tokens when they were made (e.g. a whole stream delivered at once because the
+    API server or the client was short of CPU). Bursts alone do not make it suspect: decode ms/token
+    uses only the first and last arrival of the steady part of a request."""
     server = summary.get("server_inter_token_latency_seconds_mean", math.nan)
-    bf = summary.get("itl_burst_fraction", math.nan)
     d = decode_s(summary)
-    return (_finite(bf) and bf > BURSTY) or (_finite(server) and _finite(d) and d < 0.5 * server)
+    return _finite(server) and _finite(d) and d < 0.5 * server
 
 
 def ratio(num: float, den: float) -> float:
@@ -788,7 +788,7 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         f"**decode speed-up** = source decode ms/token p50 / variant's, same context, same run",
         f"- client ITL = all gaps between consecutive output tokens at the client, pooled; \"bursty x%\": x% of "
         f"them were under 10% of the server's mean (tokens reached the client in bursts: API server or client "
-        f"short of CPU); \"(suspect)\": the client's decode ms/token is bursty or under half the server's "
+        f"short of CPU); \"(suspect)\": the client's decode ms/token is under half the server's "
         f"mean inter-token latency, i.e. the client did not see tokens when they were made: use the server "
         f"column for that point; server ITL mean = vLLM's `vllm:inter_token_latency_seconds` histogram (engine-core "
         f"timestamps) over the context's requests, /metrics before vs after; TPOT incl. stalls = (latency - "

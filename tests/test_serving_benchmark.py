@@ -249,7 +249,7 @@ def test_client_timing_suspect_flags_streams_delivered_at_once():
     ok = {"steady_tpot_s_p50": 0.005, "server_inter_token_latency_seconds_mean": 0.006, "itl_burst_fraction": 0.0}
     assert not sb.client_timing_suspect(ok)
     assert sb.client_timing_suspect({**ok, "steady_tpot_s_p50": 0.00001})  # whole stream at once
-    assert sb.client_timing_suspect({**ok, "itl_burst_fraction": 0.5})
+    assert not sb.client_timing_suspect({**ok, "itl_burst_fraction": 0.5})  # bursts: only the ITL column
     assert not sb.client_timing_suspect({"steady_tpot_s_p50": 0.005})  # no server metrics: nothing to compare
     p = _point("source", 64, 0.1, 0.00001)
     p.summary.update(server_inter_token_latency_seconds_mean=0.004, itl_burst_fraction=0.9)
