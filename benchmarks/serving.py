@@ -106,15 +106,17 @@ class Point:
     summary: dict
     prompt_tokens_ok: bool = True  # every successful request reported usage.prompt_tokens == context
     results: list = field(default_factory=list)
+    discarded: list = field(default_factory=list)  # summaries of earlier attempts whose client timing was suspect
 
 
 def make_prompts(n_tokens: int, count: int, vocab_size: int, seed: int = 0, avoid: set[int] | frozenset = frozenset(),
-                 low: int = 3) -> list[list[int]]:
-    """`count` different prompts of exactly `n_tokens` token ids in [low, vocab_size), none in `avoid`
-    (BOS/EOS/pad). Different first tokens keep requests from sharing any cached prefix block."""
+                 low: int = 3, high: int = 32000) -> list[list[int]]:
+    """`count` different prompts of exactly `n_tokens` token ids in [low, min(vocab_size, high)), none
+    in `avoid` (BOS/EOS/pad; the cap keeps large vocabularies' special/reserved ids, which sit at the
+    top, out). Different first tokens keep requests from sharing any cached prefix block."""
     if n_tokens < 1 or count < 1:
         raise ValueError("n_tokens and count must be >= 1")
-    pool = [t for t in range(low, vocab_size) if t not in avoid]
+    pool = [t for t in range(low, min(vocab_size, high)) if t not in avoid]
     if len(pool) < 2:
         raise ValueError(f"vocabulary too small ({vocab_size}) for synthetic prompts")
     rng = random.Random(f"{seed}:{n_tokens}")
@@ -202,7 +204,8 @@ def format_markdown_table(points: list[Point], variants: list[Variant] | None = 
         s, r = p.summary, ratios[(p.variant, p.context)]
         cb = cache.get(p.variant)
         cache_txt = "-" if cb is None else (f"{cb} ({cb / base_cache:.1%})" if base_cache else f"{cb}")
-        ok = f"{s.get('succeeded', 0)}/{s.get('requests', 0)}" + ("" if p.prompt_tokens_ok else " (prompt len!)")
+        ok = (f"{s.get('succeeded', 0)}/{s.get('requests', 0)}" + ("" if p.prompt_tokens_ok else " (prompt len!)")
+              + (f" (attempt {len(p.discarded) + 1})" if p.discarded else ""))
         tput = s.get("throughput_tok_s", math.nan)
         bf = s.get("itl_burst_fraction", math.nan)
         burst = f" (bursty {bf:.0%})" if _finite(bf) and bf > BURSTY else ""
@@ -631,6 +634,9 @@ def parse_args(argv=None):
                    "(e.g. \"--gpu-memory-utilization 0.85 --max-num-seqs 16\")")
     p.add_argument("--cpu-platform", action="store_true", help="LATENTKV_CPU_PLATFORM=1 for the servers")
     p.add_argument("--cpu-smoke", action="store_true", help="stories260K on the CPU platform, small contexts")
+    p.add_argument("--suspect-retries", type=int, default=1,
+                   help="measure a context again when the client's decode time is under half the engine's "
+                   "(streams reached the client late); every attempt is reported")
     p.add_argument("--start-retries", type=int, default=1, help="retries of a server start that fails")
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for /health")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -645,7 +651,7 @@ def parse_args(argv=None):
         if a.contexts == ",".join(map(str, DEFAULT_CONTEXTS)):
             a.contexts = ",".join(map(str, CPU_SMOKE_CONTEXTS))
         for k, default, smoke in (("concurrency", 4, 2), ("num_requests", 16, 8), ("max_tokens", 128, 48),
-                                  ("int4_group_size", 32, 8), ("warmup", 2, 1)):
+                                  ("int4_group_size", 32, 8), ("warmup", 2, 2)):
             if getattr(a, k) == default:
                 setattr(a, k, smoke)
         a.tag = a.tag or "cpu_smoke"
@@ -658,6 +664,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    # SIGTERM -> SystemExit in the main thread, so the running server's context manager stops it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     if a.cpu_platform:
@@ -679,6 +687,9 @@ def main(argv=None) -> int:
                                       {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": a.int4_group_size},
                                       cb["converted+int4"]),
         }
+        unknown = [v for v in a.variants.split(",") if v.strip() and v.strip() not in all_variants]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(all_variants)}")
         variants = [all_variants[v.strip()] for v in a.variants.split(",") if v.strip()]
         info = model_info(a.source)
         vocab = int(info["vocab_size"])
@@ -728,10 +739,18 @@ def measure_variant(v: Variant, a, env: dict, log_path: Path, max_model_len: int
             if s["failed"]:
                 print(f"[{v.name}] warm-up: {s['failed']} failed: {s['errors']}", flush=True)
         for n in a.contexts:
-            s, res = run_point(srv.base_url, v.name, prompts[n], max_tokens=a.max_tokens,
-                               concurrency=a.concurrency, request_timeout_s=a.request_timeout,
-                               max_duration_s=a.point_timeout, schedule=a.schedule)
-            pt = Point(v.name, n, s, check_prompt_tokens(res, n), res)
+            discarded = []
+            for attempt in range(1 + a.suspect_retries):
+                s, res = run_point(srv.base_url, v.name, prompts[n], max_tokens=a.max_tokens,
+                                   concurrency=a.concurrency, request_timeout_s=a.request_timeout,
+                                   max_duration_s=a.point_timeout, schedule=a.schedule)
+                if not client_timing_suspect(s) or attempt == a.suspect_retries:
+                    break
+                discarded.append(s)
+                print(f"[{v.name}] context {n}: client decode {_ms(decode_s(s))} ms/token vs engine "
+                      f"{_ms(s['server_inter_token_latency_seconds_mean'])} ms: client timing suspect, measuring again",
+                      flush=True)
+            pt = Point(v.name, n, s, check_prompt_tokens(res, n), res, discarded)
             points.append(pt)
             print(f"[{v.name}] context {n}: {s['succeeded']}/{s['requests']} ok, "
                   f"TTFT p50 {_ms(s['ttft_s_p50'])} ms, decode {_ms(decode_s(s))} ms/token, "
@@ -790,7 +809,8 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         f"them were under 10% of the server's mean (tokens reached the client in bursts: API server or client "
         f"short of CPU); \"(suspect)\": the client's decode ms/token is under half the server's "
         f"mean inter-token latency, i.e. the client did not see tokens when they were made: use the server "
-        f"column for that point; server ITL mean = vLLM's `vllm:inter_token_latency_seconds` histogram (engine-core "
+        f"column for that point (such a point is measured again up to --suspect-retries times, "
+        f"\"(attempt k)\" in ok/requests, earlier attempts in the .json); server ITL mean = vLLM's `vllm:inter_token_latency_seconds` histogram (engine-core "
         f"timestamps) over the context's requests, /metrics before vs after; TPOT incl. stalls = (latency - "
         f"TTFT) / (tokens - 1) per request; output tok/s = output tokens / wall time of the context's requests",
         f"- environment: {_environment()}" + ("; LATENTKV_CPU_PLATFORM=1" if cpu else ""),
@@ -825,7 +845,8 @@ def write_outputs(a, stem: Path, variants: list[Variant], points: list[Point], e
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "variants": [asdict(v) for v in variants],
         "points": [{"variant": p.variant, "context": p.context, "summary": p.summary,
-                    "prompt_tokens_ok": p.prompt_tokens_ok, "results": [asdict(r) for r in p.results]} for p in points],
+                    "prompt_tokens_ok": p.prompt_tokens_ok, "discarded_attempts": p.discarded,
+                    "results": [asdict(r) for r in p.results]} for p in points],
         "failures": failures or {},
         "ratios": {f"{v}@{c}": r for (v, c), r in add_ratios(points).items()},
     }, indent=1, default=str))

@@ -45,6 +45,8 @@ def test_make_prompts_exact_length_distinct_and_avoid_specials():
     assert ps != sb.make_prompts(448, 6, vocab_size=512, seed=1, avoid={0, 1, 2})
     with pytest.raises(ValueError):
         sb.make_prompts(0, 1, 512)
+    big = sb.make_prompts(64, 2, vocab_size=128256, avoid={128000, 128001})
+    assert max(t for p in big for t in p) < 32000  # reserved/special ids of large vocabularies stay out
 
 
 def test_percentile_is_load_test_linear_interpolation():
@@ -255,3 +257,10 @@ def test_client_timing_suspect_flags_streams_delivered_at_once():
     p.summary.update(server_inter_token_latency_seconds_mean=0.004, itl_burst_fraction=0.9)
     table = sb.format_markdown_table([p])
     assert "(suspect)" in table and "(bursty 90%)" in table
+
+
+def test_remeasured_point_is_marked():
+    p = _point("source", 64, 0.1, 0.01)
+    p.discarded = [{"steady_tpot_s_p50": 0.00001}]
+    assert "| 4/4 (attempt 2) |" in sb.format_markdown_table([p])
+    assert sb.parse_args(["--cpu-smoke"]).suspect_retries == 1
