@@ -42,6 +42,7 @@ from vllm_latentkv._vllm import (
 )
 from vllm_latentkv.attention.head import HeadAttention
 from vllm_latentkv.attention.layer import LatentAttention
+from vllm_latentkv.attention.mla import LatentMLAAttention, use_vllm_mla
 from vllm_latentkv.config import resolve_spec
 
 logger = init_logger(__name__)
@@ -64,7 +65,9 @@ class LatentKVDecoderLayer(nn.Module):
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         idx = extract_layer_index(prefix)
-        if isinstance(spec.layers[idx], fmt.LatentLayer):
+        if use_vllm_mla(spec.layers[idx], spec, dims):  # CUDA + shared RoPE: vLLM's own MLA layer
+            self.self_attn = LatentMLAAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
+        elif isinstance(spec.layers[idx], fmt.LatentLayer):
             self.self_attn = LatentAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
         else:
             self.self_attn = HeadAttention(spec, dims, idx, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn",
@@ -186,4 +189,7 @@ class LatentKVForCausalLM(nn.Module):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
+        for mod_name, module in self.named_modules():  # parameters filled from other checkpoint tensors
+            for derived in getattr(module, "derived_parameters", ()):
+                loaded.add(f"{mod_name}.{derived}")
         return loaded
