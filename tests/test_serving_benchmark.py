@@ -252,11 +252,15 @@ def test_client_timing_suspect_flags_streams_delivered_at_once():
     assert not sb.client_timing_suspect(ok)
     assert sb.client_timing_suspect({**ok, "steady_tpot_s_p50": 0.00001})  # whole stream at once
     assert not sb.client_timing_suspect({**ok, "itl_burst_fraction": 0.5})  # bursts: only the ITL column
+    assert sb.client_timing_suspect({**ok, "steady_tpot_s_p50": 0.004, "itl_burst_fraction": 0.5})  # < 80%, bursty
+    assert not sb.client_timing_suspect({**ok, "steady_tpot_s_p50": 0.004})  # < 80% but smooth: prefill stalls
     assert not sb.client_timing_suspect({"steady_tpot_s_p50": 0.005})  # no server metrics: nothing to compare
     p = _point("source", 64, 0.1, 0.00001)
     p.summary.update(server_inter_token_latency_seconds_mean=0.004, itl_burst_fraction=0.9)
     table = sb.format_markdown_table([p])
     assert "(suspect)" in table and "(bursty 90%)" in table
+    q = _point("converted", 64, 0.1, 0.005)
+    assert math.isnan(sb.add_ratios([p, q])[("converted", 64)]["decode_speedup"])  # no ratio against a suspect point
 
 
 def test_remeasured_point_is_marked():
