@@ -6,14 +6,6 @@ with chunked prefill + prefix caching, and a ``vllm serve`` subprocess.
 """
 
 import gc
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +13,7 @@ import pytest
 pytest.importorskip("vllm")
 
 import torch  # noqa: E402
+from test_latent_helpers import http_json, vllm_serve  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -183,71 +176,17 @@ SERVE_PROMPTS = ["The history of", "In 1999 the band released", " = Robert Boult
 SERVED_NAME = "wiki-mha-6M"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_json(url: str, payload: dict | None = None, timeout: float = 60) -> dict:
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        body = resp.read()
-    return json.loads(body) if body else {}
-
-
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM (vLLM's graceful shutdown), then SIGKILL the whole process group."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:  # engine core and worker share the server's new session / group
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(MODEL),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-        "--dtype", "float32", "--max-model-len", "512",
-        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
-    ]
-    env = {**os.environ, "LATENTKV_CPU_PLATFORM": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vllm serve not healthy in 240 s:\n{log_path.read_text()[-4000:]}")
-                time.sleep(1)
+    with vllm_serve(MODEL, log_path, served_name=SERVED_NAME, max_model_len=512, kv_cache_bytes=KV_CACHE_BYTES,
+                    ready_timeout=240) as (base, proc):
         yield base
-    finally:
-        _stop(proc)
     assert proc.returncode is not None
 
 
 def test_serve_completions_greedy_matches_hf(server, tokenizer, hf_model):
-    resp = _http_json(server + "/v1/completions", {
+    resp = http_json(server + "/v1/completions", {
         "model": SERVED_NAME, "prompt": SERVE_PROMPTS, "max_tokens": MAX_NEW_TOKENS,
         "temperature": 0, "ignore_eos": True, "return_token_ids": True,
     })
@@ -262,4 +201,4 @@ def test_serve_completions_greedy_matches_hf(server, tokenizer, hf_model):
 
 
 def test_serve_lists_served_model(server):
-    assert [m["id"] for m in _http_json(server + "/v1/models")["data"]] == [SERVED_NAME]
+    assert [m["id"] for m in http_json(server + "/v1/models")["data"]] == [SERVED_NAME]

@@ -21,10 +21,9 @@ from test_latent_helpers import (  # noqa: E402
     BLOCK_SIZE,
     KV_BYTES,
     Engine,
-    convert_to,
-    latent_spec,
     emulated_int4_cache,
-    make_stories_source,
+    latent_spec,
+    make_stories_latent,
     reference_greedy,
     reference_logprobs,
     reference_logprobs_cached,
@@ -42,10 +41,7 @@ INT4_OVERRIDES = {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("stories")
-    src = make_stories_source(tmp / "src")
-    latent = convert_to(src, tmp / "latent", rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", kv_ratio=0.5)
-    return src, latent
+    return make_stories_latent(tmp_path_factory.mktemp("stories"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Shared pieces of the latent-model engine tests (tests/vllm/test_latent_*.py).
+"""Shared pieces of the engine tests in tests/vllm (latent models, ``vllm serve``).
 
 Engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni executor): one process
 instead of three, which halves the start-up time on two cores.
@@ -6,9 +6,17 @@ instead of three, which halves the start-up time on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,6 +41,14 @@ def convert_to(src: Path, out: Path, **opts) -> Path:
     calibration_ids = opts.pop("calibration_ids", None)
     convert(src, out, ConvertOptions(**opts), progress=False, calibration_ids=calibration_ids)
     return out
+
+
+def make_stories_latent(tmp: Path) -> tuple[Path, Path]:
+    """(source, converted) stories260K: partial RoPE (2 pairs per KV head, "high"), joint SVD, 50% KV ratio."""
+    src = make_stories_source(tmp / "src")
+    latent = convert_to(src, tmp / "latent", rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint",
+                        kv_ratio=0.5)
+    return src, latent
 
 
 def make_random_llama(out: Path, family: str = "llama", *, heads: int, kv_heads: int, head_dim: int = 16,
@@ -148,6 +164,41 @@ class Engine:
             gc.collect()
 
 
+def chunked_engine(model: Path, **kwargs) -> Engine:
+    """An engine with chunked prefill in 48-token steps and prefix caching, no tokenizer."""
+    return Engine(model, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
+                  skip_tokenizer_init=True, **kwargs)
+
+
+def random_prompts(vocab: int) -> list[list[int]]:
+    """Four random token-id prompts (lengths 1, 7, 40, 70), the same on every call."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (1, 7, 40, 70)]
+
+
+def calibration_ids(vocab: int) -> torch.Tensor:
+    """Random calibration token ids [8, 64] (shared RoPE, TransKV), the same on every call."""
+    return torch.randint(3, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
+
+
+def check_greedy_matches_reference(engine: Engine, ref, prompts: list[list[int]], n: int, *,
+                                   prefix_cached: bool = False) -> None:
+    """Greedy continuations of ``prompts`` through the engine == the reference's; with
+    ``prefix_cached``, the last prompt once more, now served from the prefix cache, gives the same."""
+    outs = engine.greedy(prompts, n)
+    for p, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, n), len(p)
+    if prefix_cached:
+        again = engine.greedy([prompts[-1]], n)[0]  # prefix-cached prompt: rows (and key scales) read back
+        assert again.num_cached_tokens > 0
+        assert list(again.outputs[0].token_ids) == list(outs[-1].outputs[0].token_ids)
+
+
+def check_prompt_logprobs_match_reference(engine: Engine, ref, ids: list[int]) -> None:
+    """Teacher-forced prompt logprobs through the engine == the reference's (float32)."""
+    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
+
+
 def latent_spec(path: Path):
     from latentkv import format as fmt
 
@@ -195,3 +246,68 @@ def reference_logprobs_cached(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([ids]), use_cache=True).logits[0, :-1].float()
     return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+# --- vllm serve subprocess ------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, payload: dict | None = None, timeout: float = 60) -> dict:
+    """GET (no payload) or POST a JSON payload; the JSON answer ({} if empty)."""
+    data = None if payload is None else json.dumps(payload).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        body = resp.read()
+    return json.loads(body) if body else {}
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (vLLM's graceful shutdown), then SIGKILL the whole process group."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # engine core and worker share the server's new session / group
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
+
+
+@contextlib.contextmanager
+def vllm_serve(model: Path, log_path: Path, *, served_name: str, max_model_len: int, kv_cache_bytes: int,
+               ready_timeout: float):
+    """``vllm serve model`` (float32, CPU platform) on a free 127.0.0.1 port, output in ``log_path``;
+    yields (base URL, process) once /health answers, stopped with :func:`stop_server` on exit."""
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
+        "--dtype", "float32", "--max-model-len", str(max_model_len),
+        "--kv-cache-memory-bytes", str(kv_cache_bytes),
+    ]
+    env = {**os.environ, "LATENTKV_CPU_PLATFORM": "1"}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"vllm serve not healthy in {ready_timeout:g} s:\n{log_path.read_text()[-4000:]}")
+                time.sleep(1)
+        yield base, proc
+    finally:
+        stop_server(proc)

@@ -12,18 +12,19 @@ Each: greedy continuations and teacher-forced prompt logprobs through the engine
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 
 from latentkv import format as fmt  # noqa: E402
 from test_latent_helpers import (  # noqa: E402
-    Engine,
+    calibration_ids,
+    check_greedy_matches_reference,
+    check_prompt_logprobs_match_reference,
+    chunked_engine,
     convert_to,
     latent_spec,
     make_random_llama,
-    reference_greedy,
-    reference_logprobs,
+    random_prompts,
     reference_model,
 )
 
@@ -49,11 +50,6 @@ CASES = {
 }
 
 
-def _prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 40, 70)]
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def case(request, tmp_path_factory):
     name = request.param
@@ -61,10 +57,9 @@ def case(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(name)
     src = make_random_llama(tmp / "src", vocab=VOCAB, **model_args)
     if opts["rope_mode"] == "shared":
-        opts = {**opts, "calibration_ids": torch.randint(3, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))}
+        opts = {**opts, "calibration_ids": calibration_ids(VOCAB)}
     latent = convert_to(src, tmp / "latent", **opts)
-    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
-                    skip_tokenizer_init=True)
+    engine = chunked_engine(latent)
     yield name, latent, reference_model(latent), engine
     engine.close()
 
@@ -90,13 +85,9 @@ def test_checkpoint_is_what_the_case_says(case):
 
 def test_greedy_matches_reference(case):
     _, _, ref, engine = case
-    prompts = _prompts()
-    outs = engine.greedy(prompts, N_NEW)
-    for p, out in zip(prompts, outs):
-        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, N_NEW), len(p)
+    check_greedy_matches_reference(engine, ref, random_prompts(VOCAB), N_NEW)
 
 
 def test_prompt_logprobs_match_reference(case):
     _, _, ref, engine = case
-    ids = _prompts()[-1]
-    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
+    check_prompt_logprobs_match_reference(engine, ref, random_prompts(VOCAB)[-1])

@@ -19,18 +19,21 @@ stores what the INT4 cache stores.
 from __future__ import annotations
 
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 
 from latentkv import format as fmt  # noqa: E402
 from test_latent_helpers import (  # noqa: E402
     Engine,
+    calibration_ids,
+    check_greedy_matches_reference,
+    check_prompt_logprobs_match_reference,
+    chunked_engine,
     convert_to,
     latent_spec,
     make_random_llama,
+    random_prompts,
     reference_greedy,
-    reference_logprobs,
     reference_model,
 )
 
@@ -45,14 +48,9 @@ CASES = {
                          keep_layers=[1]),
     "partial_all_pairs": dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, svd="joint", ranks=[24, 32, 20]),
     "transkv": dict(method="transkv", kv_ratio=0.5, keep_layers=[1],
-                    calibration_ids=torch.randint(3, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))),
+                    calibration_ids=calibration_ids(VOCAB)),
 }
 INT4_GROUP = 4  # divides the partial_nope latent widths 24 and 20
-
-
-def _prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 40, 70)]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +62,7 @@ def source(tmp_path_factory):
 def case(request, source, tmp_path_factory):
     name = request.param
     latent = convert_to(source, tmp_path_factory.mktemp(name) / "latent", **dict(CASES[name]))
-    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
-                    skip_tokenizer_init=True)
+    engine = chunked_engine(latent)
     yield name, latent, reference_model(latent), engine
     engine.close()
 
@@ -96,19 +93,12 @@ def test_cache_rows_hold_what_the_format_says(case):
 
 def test_greedy_matches_reference(case):
     _, _, ref, engine = case
-    prompts = _prompts()
-    outs = engine.greedy(prompts, N_NEW)
-    for p, out in zip(prompts, outs):
-        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, N_NEW), len(p)
-    again = engine.greedy([prompts[-1]], N_NEW)[0]  # prefix-cached prompt: rows (and key scales) read back
-    assert again.num_cached_tokens > 0
-    assert list(again.outputs[0].token_ids) == list(outs[-1].outputs[0].token_ids)
+    check_greedy_matches_reference(engine, ref, random_prompts(VOCAB), N_NEW, prefix_cached=True)
 
 
 def test_prompt_logprobs_match_reference(case):
     _, _, ref, engine = case
-    ids = _prompts()[-1]
-    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
+    check_prompt_logprobs_match_reference(engine, ref, random_prompts(VOCAB)[-1])
 
 
 # --- INT4 cache with key scales --------------------------------------------------------------------
@@ -122,10 +112,10 @@ def test_int4_cache_with_key_scales_equals_emulated_reference(source, tmp_path_f
     spec, dims = latent_spec(latent)
     G = dims.num_key_value_heads
     ref = reference_model(latent)
-    ids = _prompts()[-1]
+    ids = random_prompts(VOCAB)[-1]
     with emulated_int4_cache(INT4_GROUP):
         want = reference_logprobs_cached(ref, ids)
-        greedy = [reference_greedy(ref, p, N_NEW) for p in _prompts()]
+        greedy = [reference_greedy(ref, p, N_NEW) for p in random_prompts(VOCAB)]
     engine = Engine(latent, hf_overrides={"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP},
                     max_num_batched_tokens=48, enable_chunked_prefill=True, skip_tokenizer_init=True)
     try:
@@ -135,7 +125,7 @@ def test_int4_cache_with_key_scales_equals_emulated_reference(source, tmp_path_f
         assert rows == [int4_row_bytes(layer.latent.width, G * layer.rope_head_dim + G, INT4_GROUP)
                         for layer in latent_layers]
         diff = (engine.prompt_logprobs(ids) - want).abs()
-        outs = engine.greedy(_prompts(), N_NEW)
+        outs = engine.greedy(random_prompts(VOCAB), N_NEW)
     finally:
         engine.close()
     # a latent value on a rounding boundary of the quantizer may land on the other level

@@ -22,12 +22,14 @@ from latentkv import format as fmt  # noqa: E402
 from test_latent_helpers import (  # noqa: E402
     BLOCK_SIZE,
     KV_BYTES,
-    Engine,
+    calibration_ids,
+    check_greedy_matches_reference,
+    check_prompt_logprobs_match_reference,
+    chunked_engine,
     convert_to,
     latent_spec,
     make_random_llama,
-    reference_greedy,
-    reference_logprobs,
+    random_prompts,
     reference_model,
 )
 
@@ -38,20 +40,13 @@ VOCAB = 256
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 3
 
 
-def _prompts() -> list[list[int]]:
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (1, 7, 40, 70)]
-
-
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("transkv")
     src = make_random_llama(tmp / "src", "llama", heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS,
                             vocab=VOCAB)
-    calibration = torch.randint(3, VOCAB, (8, 64), generator=torch.Generator().manual_seed(0))
-    latent = convert_to(src, tmp / "latent", method="transkv", kv_ratio=0.5, calibration_ids=calibration)
-    engine = Engine(latent, max_num_batched_tokens=48, enable_chunked_prefill=True, enable_prefix_caching=True,
-                    skip_tokenizer_init=True)
+    latent = convert_to(src, tmp / "latent", method="transkv", kv_ratio=0.5, calibration_ids=calibration_ids(VOCAB))
+    engine = chunked_engine(latent)
     yield latent, reference_model(latent), engine
     engine.close()
 
@@ -91,16 +86,9 @@ def test_kv_capacity_follows_reduced_head_width(subject):
 
 def test_greedy_matches_reference(subject):
     _, ref, engine = subject
-    prompts = _prompts()
-    outs = engine.greedy(prompts, N_NEW)
-    for p, out in zip(prompts, outs):
-        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, N_NEW), len(p)
-    again = engine.greedy([prompts[-1]], N_NEW)[0]
-    assert again.num_cached_tokens > 0
-    assert list(again.outputs[0].token_ids) == list(outs[-1].outputs[0].token_ids)
+    check_greedy_matches_reference(engine, ref, random_prompts(VOCAB), N_NEW, prefix_cached=True)
 
 
 def test_prompt_logprobs_match_reference(subject):
     _, ref, engine = subject
-    ids = _prompts()[-1]
-    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)
+    check_prompt_logprobs_match_reference(engine, ref, random_prompts(VOCAB)[-1])

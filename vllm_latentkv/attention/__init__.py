@@ -1,5 +1,6 @@
 """Latent-KV attention for vLLM: layer (``layer.py``), backend (``backend.py``), cache layout
-and spec (``cache.py``, INT4 page bytes), per-head layers (``head.py``).
+and spec (``cache.py``, INT4 page bytes), per-head layers (``head.py``), vLLM-MLA layers (``mla.py``),
+tensor-parallel head split shared by the layers (``tp.py``).
 
 Importing this package imports vLLM; :mod:`vllm_latentkv` itself does not.
 """

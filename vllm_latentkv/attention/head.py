@@ -18,14 +18,13 @@ from torch import nn
 
 from latentkv import format as fmt
 from vllm_latentkv.attention.layer import rope
+from vllm_latentkv.attention.tp import tp_split
 from vllm_latentkv._vllm import (
     Attention,
     CacheConfig,
     ColumnParallelLinear,
     QuantizationConfig,
     RowParallelLinear,
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
 )
 
 
@@ -43,10 +42,8 @@ class HeadAttention(nn.Module):
         super().__init__()
         layer = spec.layers[layer_idx]
         where = f"latent_kv.layers[{layer_idx}]"
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
-        if H % tp or G % tp:
-            raise ValueError(f"{where}: {H} query heads / {G} KV heads cannot be split over tensor-parallel size {tp}")
+        tp, rank = tp_split(where, H, G)
         self.H_l, self.G_l, self.d_h = H // tp, G // tp, d_h
         self.reduced = isinstance(layer, fmt.ReducedHeadLayer)
         self.d_k = layer.k_head_dim if self.reduced else d_h

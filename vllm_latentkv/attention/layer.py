@@ -60,8 +60,6 @@ from vllm_latentkv._vllm import (
     RowParallelLinear,
     VllmConfig,
     get_forward_context,
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
 )
 from vllm_latentkv.attention.backend import (
     LatentKVAttentionBackend,
@@ -70,6 +68,7 @@ from vllm_latentkv.attention.backend import (
     triton_usable,
 )
 from vllm_latentkv.attention.cache import LatentCacheLayout
+from vllm_latentkv.attention.tp import tp_split
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -94,10 +93,8 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         assert isinstance(layer, fmt.LatentLayer)
         where = f"latent_kv.layers[{layer_idx}]"
         self.layer, self.layer_name = layer, prefix
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
-        if H % tp or G % tp:
-            raise ValueError(f"{where}: {H} query heads / {G} KV heads cannot be split over tensor-parallel size {tp}")
+        tp, rank = tp_split(where, H, G)
         self.tp, self.rank = tp, rank
         self.H, self.G, self.d_h = H, G, d_h
         self.H_l, self.G_l = H // tp, G // tp

@@ -36,9 +36,8 @@ from vllm_latentkv._vllm import (
     ReplicatedLinear,
     RowParallelLinear,
     VllmConfig,
-    get_tensor_model_parallel_rank,
-    get_tensor_model_parallel_world_size,
 )
+from vllm_latentkv.attention.tp import tp_split
 from vllm_latentkv.mla_mapping import PairRotaryEmbedding, kv_b_weight, mla_unsupported_reason, rope_inv_freq
 
 ENV = "LATENTKV_VLLM_MLA"
@@ -128,10 +127,8 @@ class LatentMLAAttention(nn.Module):
         reason = mla_unsupported_reason(layer, spec, dims)
         if reason is not None:
             raise ValueError(f"latent_kv.layers[{layer_idx}] cannot run as vLLM MLA: {reason}")
-        tp, rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         H, G, d_h, D = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.hidden_size
-        if H % tp:
-            raise ValueError(f"latent_kv.layers[{layer_idx}]: {H} query heads cannot be split over tensor-parallel size {tp}")
+        tp, rank = tp_split(f"latent_kv.layers[{layer_idx}]", H)
         self.layer, self.dims, self.prefix = layer, dims, prefix
         H_l = H // tp
         self.local_heads = range(rank * H_l, (rank + 1) * H_l)
