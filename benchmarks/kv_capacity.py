@@ -5,7 +5,7 @@ real vLLM engine (latentkv CPU platform) on each variant with the same ``kv_cach
 and reads the engine's own capacity (``num_gpu_blocks x block_size`` tokens). Expected:
 ``floor(budget / (block_size x bytes_per_token)) x block_size`` with bytes per token from
 ``latentkv.format.kv_bytes_report`` (float32 elements) and, for INT4, the kernels' packed row
-``vllm_latentkv.kernels.int4_row_bytes`` per layer.
+``latentkv.int4.int4_row_bytes`` per layer.
 
     LATENTKV_CPU_PLATFORM=1 python benchmarks/kv_capacity.py   # writes benchmarks/results/kv_capacity.md
 """
@@ -79,7 +79,7 @@ def main() -> int:
         f"joint SVD, kv_ratio 0.5: per layer W = 16 latent + 4 x 4 rope values. "
         f"`kv_cache_memory_bytes` = {BUDGET} ({BUDGET >> 20} MiB), block_size {BLOCK}, float32 model. "
         "Expected = floor(budget / (block_size x bytes/token)) x block_size; bytes/token from "
-        "`latentkv.format.kv_bytes_report` (4-byte elements) and, for INT4, `vllm_latentkv.kernels.int4_row_bytes` "
+        "`latentkv.format.kv_bytes_report` (4-byte elements) and, for INT4, `latentkv.int4.int4_row_bytes` "
         "(W/2 packed bytes + 2 W/G scale bytes + 2 R rope bytes per layer).",
         "",
         "| variant | bytes/token | expected tokens | engine tokens | vs source |",

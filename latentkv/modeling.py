@@ -5,6 +5,9 @@ Hugging Face ``PreTrainedModel`` (``AutoModelForCausalLM`` after :func:`register
 whose cache holds only what the format promises: per token and layer the latent c, the rotated
 rope keys (and, for partial RoPE on q/k-norm sources, one key scale per KV head).
 
+With ``cache_dtype: int4`` the latents are quantized as the INT4 cache stores them
+(``latentkv.int4``), so the model is exactly what a server with that cache computes.
+
 Latent attention of one query head h (KV head g, rope head j, see ``latentkv.format``):
 
     q_h = [q_nope | q_rope] = q_proj(x)_h            k_rope = RoPE(kv_a_proj(x)[W:])_j
@@ -33,6 +36,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from latentkv import format as fmt
+from latentkv import int4
 from latentkv.rope import rotate
 
 AttnPath = Literal["auto", "expand", "absorb"]
@@ -227,6 +231,7 @@ class LatentAttention(nn.Module):
         self.W, self.n_grp = lat.width, lat.groups
         self.eps = config.rms_norm_eps
         self.key_scale = fmt.caches_key_scale(layer, spec)
+        self.int4_group = spec.int4_group_size if spec.cache_dtype == "int4" else None
         bias = spec.attention_bias
         D = dims.hidden_size
         self.q_proj = nn.Linear(D, self.H * (self.d_n + self.R_D), bias=bias)
@@ -287,6 +292,8 @@ class LatentAttention(nn.Module):
             if scale is not None:
                 new["key_scale"] = scale
             q_rope = rotate(q_rope, positions, self.rope_freqs.repeat_interleave(self.H // self.R_H, dim=0))
+        if self.int4_group:  # the checkpoint asks for an INT4 latent cache: attend to what it holds
+            new = int4.as_cached(new, self.int4_group)
         entries = cache.append(positions, **new) if cache is not None else new
         k_pos = cache.positions if cache is not None else positions
         mask = causal_mask(positions, k_pos, key_padding)

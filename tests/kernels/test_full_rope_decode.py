@@ -11,12 +11,11 @@ import triton
 import triton.language as tl
 from kernel_helpers import check_close, make_paged
 
+from latentkv.int4 import int4_pack_rows, int4_row_bytes
 from vllm_latentkv.kernels import (
     full_rope_decode_attention,
     full_rope_decode_attention_int4,
     full_rope_decode_attention_ref,
-    int4_pack_rows,
-    int4_row_bytes,
 )
 from vllm_latentkv.kernels.full_rope_decode import _cos_sin, rotate_half_rope
 

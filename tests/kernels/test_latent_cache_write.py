@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from latentkv.int4 import int4_row_bytes
 from vllm_latentkv.kernels import (
-    int4_row_bytes,
     latent_cache_write,
     latent_cache_write_int4,
     latent_cache_write_int4_ref,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from kernel_helpers import ROPE_HEAD_DIM, check_close, make_paged
 
+from latentkv.int4 import int4_pack_rows
 from vllm_latentkv.kernels import (
-    int4_pack_rows,
     latent_cache_write_int4,
     latent_decode_attention,
     latent_decode_attention_int4,
@@ -151,7 +151,7 @@ def test_int4_decode_error_vs_unquantized(group_size):
 
     Measured (this seed): G=32 out rel. error 0.090, lse RMS 0.055 (max 0.19, at 1-token
     sequences whose lse is the single score itself); G=64: 0.098, 0.044. Elementwise the
-    quantizer's RMS error is 0.086 (G=32) / 0.095 (G=64) of the latent's RMS (test_int4_pack).
+    quantizer's RMS error is 0.086 (G=32) / 0.095 (G=64) of the latent's RMS (tests/test_int4.py).
     Bounds, ~1.5x the measurement: out rel. error < 0.15, lse RMS < 0.1.
     """
     gen = torch.Generator().manual_seed(14)

@@ -21,12 +21,10 @@ from test_latent_helpers import (  # noqa: E402
     BLOCK_SIZE,
     KV_BYTES,
     Engine,
-    emulated_int4_cache,
     latent_spec,
     make_stories_latent,
     reference_greedy,
     reference_logprobs,
-    reference_logprobs_cached,
     reference_model,
     text_ids,
 )
@@ -140,20 +138,20 @@ def test_prompt_logprobs_match_reference(engine, paths, ref):
 # --- INT4 latent cache ----------------------------------------------------------------------------
 
 def test_int4_cache_is_packed(engine_int4):
-    from vllm_latentkv.kernels import int4_row_bytes
+    from latentkv.int4 import int4_row_bytes
 
     row = int4_row_bytes(16, 16, INT4_GROUP)  # 8 B nibbles + 1 fp16 scale + 16 fp16 rope keys = 42 B
     for name, (impl, dtype, shape) in engine_int4.layer_caches().items():
         assert (impl, dtype, shape[1:]) == ("LatentKVAttentionImpl", "torch.uint8", (1, BLOCK_SIZE, row)), name
 
 
-def test_int4_engine_equals_reference_with_emulated_int4_cache(engine_int4, paths, ref, prompts):
-    """Correctness of the INT4 path: the engine == the reference model whose cache quantizes
-    latents with the kernels' quantizer (and rounds rope keys to fp16)."""
+def test_int4_engine_equals_reference_with_int4_cache(engine_int4, paths, prompts):
+    """Correctness of the INT4 path: the engine == the reference model with ``cache_dtype: int4``
+    (latents quantized by ``latentkv.int4``, rope keys rounded to fp16)."""
     ids = text_ids(paths[0], 3000, 120)
-    with emulated_int4_cache(INT4_GROUP):
-        want = reference_logprobs_cached(ref, ids)
-        greedy = {n: reference_greedy(ref, p, N_NEW) for n, p in prompts.items()}
+    ref = reference_model(paths[1], int4_group=INT4_GROUP)
+    want = reference_logprobs(ref, ids)
+    greedy = {n: reference_greedy(ref, p, N_NEW) for n, p in prompts.items()}
     diff = (engine_int4.prompt_logprobs(ids) - want).abs()
     # a latent value on a rounding boundary of the quantizer may land on the other level
     assert diff.max() < 1e-2 and diff.mean() < 1e-4, (diff.max(), diff.mean())

@@ -77,12 +77,17 @@ def make_random_llama(out: Path, family: str = "llama", *, heads: int, kv_heads:
     return out
 
 
-def reference_model(path: Path):
-    from transformers import AutoModelForCausalLM
+def reference_model(path: Path, int4_group: int | None = None):
+    """The reference model of a checkpoint; with ``int4_group``, as if its config asked for the INT4
+    latent cache with that group size (the reference then caches what that cache holds)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = AutoConfig.from_pretrained(path)
+    if int4_group is not None:
+        config.latent_kv = {**config.latent_kv, "cache_dtype": "int4", "int4_group_size": int4_group}
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
     model.generation_config.pad_token_id = 0
     return model
@@ -203,49 +208,6 @@ def latent_spec(path: Path):
     from latentkv import format as fmt
 
     return fmt.load_spec(json.loads((path / "config.json").read_text()))
-
-
-class emulated_int4_cache:
-    """Context manager: the reference model's cache stores what the INT4 cache stores.
-
-    Latents are quantized and dequantized with the kernels' quantizer (``int4_pack``), rope
-    keys and key scales rounded to fp16, at the moment they are cached; attention then reads them back as
-    the engine does. Use with ``use_cache=True`` forwards / ``generate``.
-    """
-
-    def __init__(self, group_size: int):
-        self.group_size = group_size
-
-    def __enter__(self):
-        from latentkv import modeling
-        from vllm_latentkv.kernels.int4_pack import dequantize_int4, quantize_int4
-
-        self._orig = orig = modeling._LayerEntries.append
-        g = self.group_size
-
-        def append(layer, positions, **new):
-            if "latent" in new:
-                q, s = quantize_int4(new["latent"], g)
-                new["latent"] = dequantize_int4(q, s, g).to(new["latent"].dtype)
-            for name in ("rope", "key_scale"):  # fp16 tail of the INT4 row (key scales: q/k-norm partial RoPE)
-                if name in new:
-                    new[name] = new[name].to(torch.float16).to(new[name].dtype)
-            return orig(layer, positions, **new)
-
-        modeling._LayerEntries.append = append
-        return self
-
-    def __exit__(self, *exc):
-        from latentkv import modeling
-
-        modeling._LayerEntries.append = self._orig
-
-
-def reference_logprobs_cached(model, ids: list[int]) -> torch.Tensor:
-    """reference_logprobs through the model's latent cache (so cache emulation applies)."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), use_cache=True).logits[0, :-1].float()
-    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
 # --- vllm serve subprocess ------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from test_latent_helpers import (  # noqa: E402
     make_random_llama,
     random_prompts,
     reference_greedy,
+    reference_logprobs,
     reference_model,
 )
 
@@ -103,19 +104,16 @@ def test_prompt_logprobs_match_reference(case):
 
 # --- INT4 cache with key scales --------------------------------------------------------------------
 
-def test_int4_cache_with_key_scales_equals_emulated_reference(source, tmp_path_factory):
-    from test_latent_helpers import emulated_int4_cache, reference_logprobs_cached
-
-    from vllm_latentkv.kernels import int4_row_bytes
+def test_int4_cache_with_key_scales_equals_int4_reference(source, tmp_path_factory):
+    from latentkv.int4 import int4_row_bytes
 
     latent = convert_to(source, tmp_path_factory.mktemp("int4") / "latent", **CASES["partial_nope"])
     spec, dims = latent_spec(latent)
     G = dims.num_key_value_heads
-    ref = reference_model(latent)
+    ref = reference_model(latent, int4_group=INT4_GROUP)
     ids = random_prompts(VOCAB)[-1]
-    with emulated_int4_cache(INT4_GROUP):
-        want = reference_logprobs_cached(ref, ids)
-        greedy = [reference_greedy(ref, p, N_NEW) for p in random_prompts(VOCAB)]
+    want = reference_logprobs(ref, ids)
+    greedy = [reference_greedy(ref, p, N_NEW) for p in random_prompts(VOCAB)]
     engine = Engine(latent, hf_overrides={"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP},
                     max_num_batched_tokens=48, enable_chunked_prefill=True, skip_tokenizer_init=True)
     try:

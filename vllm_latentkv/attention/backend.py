@@ -176,7 +176,7 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         slots = slot_mapping[valid].to(torch.int64)
         page = cache.shape[1]
         if L.int4:
-            from vllm_latentkv.kernels.int4_pack import int4_pack_rows
+            from latentkv.int4 import int4_pack_rows
 
             rows = int4_pack_rows(latent[valid], rope[valid], L.group_size)
         else:
@@ -195,7 +195,7 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         n_blocks = -(-seq_len // page)
         rows = cache[block_ids[:n_blocks].to(torch.int64)].reshape(-1, cache.shape[-1])[:seq_len]
         if L.int4:
-            from vllm_latentkv.kernels.int4_pack import int4_unpack_rows
+            from latentkv.int4 import int4_unpack_rows
 
             lat, tail = int4_unpack_rows(rows, L.latent_dim, L.tail_dim, L.group_size)
         else:

@@ -6,7 +6,7 @@ One row per token and layer (page = ``block_size`` rows, one "head" in vLLM's lo
     plain ("auto")  [ latent c (W) | rope keys (R_H x R_D, head-major, rotated) | key scales (K) ]
                     model/cache dtype
     int4            [ packed latent (W/2 B) | W/G fp16 scales | R_H x R_D fp16 rope keys | K fp16 key scales ]
-                    uint8, byte layout and quantizer defined by ``vllm_latentkv.kernels.int4_pack``
+                    uint8, byte layout and quantizer defined by ``latentkv.int4``
                     (the key scales ride along as extra "rope" columns: the packer stores them in fp16)
 
 Key scales (K = G, else 0): partial RoPE on a q/k-norm source caches 1/rms(k) of every KV head
@@ -32,7 +32,7 @@ CACHE_DTYPES = fmt.CACHE_DTYPES
 
 def int4_row_bytes(latent_dim: int, rope_dim: int, group_size: int) -> int:
     """Bytes of one INT4 row: the kernels' definition (pure torch, no Triton import needed)."""
-    from vllm_latentkv.kernels.int4_pack import int4_row_bytes as _row_bytes
+    from latentkv.int4 import int4_row_bytes as _row_bytes
 
     return _row_bytes(latent_dim, rope_dim, group_size)
 

@@ -2,21 +2,13 @@
 
 Each kernel sits beside a plain PyTorch reference (`*_ref`) that the tests in tests/kernels
 compare against. To run them on CPU, set TRITON_INTERPRET=1 before this package is imported.
+The INT4 cache format they read and write is defined in pure torch by `latentkv.int4`.
 """
 
 from .full_rope_decode import (
     full_rope_decode_attention,
     full_rope_decode_attention_int4,
     full_rope_decode_attention_ref,
-)
-from .int4_pack import (
-    dequantize_int4,
-    int4_pack_rows,
-    int4_row_bytes,
-    int4_unpack_rows,
-    pack_int4,
-    quantize_int4,
-    unpack_int4,
 )
 from .latent_decode import (
     latent_decode_attention,
@@ -31,13 +23,9 @@ from .latent_cache import (
 )
 
 __all__ = [
-    "dequantize_int4",
     "full_rope_decode_attention",
     "full_rope_decode_attention_int4",
     "full_rope_decode_attention_ref",
-    "int4_pack_rows",
-    "int4_row_bytes",
-    "int4_unpack_rows",
     "latent_cache_write",
     "latent_cache_write_int4",
     "latent_cache_write_int4_ref",
@@ -45,7 +33,4 @@ __all__ = [
     "latent_decode_attention",
     "latent_decode_attention_int4",
     "latent_decode_attention_ref",
-    "pack_int4",
-    "quantize_int4",
-    "unpack_int4",
 ]

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int4_pack import int4_row_bytes
+from latentkv.int4 import int4_row_bytes
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TL_DTYPE = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -52,7 +52,7 @@ def check_paged(block_table: torch.Tensor, seq_lens: torch.Tensor, bsz: int) -> 
 
 
 def check_int4_cache(kv_cache: torch.Tensor, latent_dim: int, rope_dim: int, group_size: int) -> None:
-    """uint8 paged cache whose rows are `int4_pack` rows; the kernels also read it as fp16
+    """uint8 paged cache whose rows are `latentkv.int4` rows; the kernels also read it as fp16
     (scales, rope keys), which needs even strides."""
     check_tensor("kv_cache", kv_cache, 3, (torch.uint8,))
     row_bytes = int4_row_bytes(latent_dim, rope_dim, group_size)

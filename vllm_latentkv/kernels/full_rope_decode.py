@@ -22,7 +22,7 @@ Grid (B, G * cdiv(H/G, BLOCK_H), NUM_KV_SPLITS): one program rebuilds the keys o
 for a tile of BLOCK_N tokens (two [BLOCK_N, r] x [r, D_H/2] dots, one per rotary half, so the
 rotation is elementwise on the two halves) and scores all query heads of that KV head against
 them. Stage 2 is the split merge shared with `latent_decode` (`_split_kv`). The cache may be
-plain float or the INT4 layout of `int4_pack` with no rope part (rope_dim = 0).
+plain float or the INT4 layout of `latentkv.int4` with no rope part (rope_dim = 0).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from ._split_kv import (
     store_split_partial,
     tile_tokens,
 )
-from .int4_pack import int4_row_offsets, int4_unpack_rows
+from latentkv.int4 import int4_row_offsets, int4_unpack_rows
 
 
 @triton.jit
@@ -291,7 +291,7 @@ def full_rope_decode_attention_int4(
     block_h: int | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """full_rope_decode_attention over the INT4 cache (int4_pack layout with rope_dim = 0, as
+    """full_rope_decode_attention over the INT4 cache (`latentkv.int4` layout with rope_dim = 0, as
     written by latent_cache_write_int4 with an empty rope tensor)."""
     check_int4_cache(kv_cache, latent_dim, 0, group_size)
     scale_off, _ = int4_row_offsets(latent_dim, group_size)

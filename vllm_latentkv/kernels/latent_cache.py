@@ -5,7 +5,7 @@ Symbols
     W            latent width; R = R_H * R_D rope-key width (head-major)
     P            page (block) size; slot = block_table[b, t // P] * P + t % P
 Plain cache  kv_cache [num_blocks, P, W + R] (fp32/fp16/bf16): row = [latent | rope]
-INT4 cache   kv_cache [num_blocks, P, ROW_BYTES] uint8: row layout in `int4_pack`.
+INT4 cache   kv_cache [num_blocks, P, ROW_BYTES] uint8: row layout in `latentkv.int4`.
 One program per BLOCK_T tokens (a power of two): each token row is a few hundred contiguous
 bytes, stored in coalesced passes; several tokens per program amortise the slot lookups in
 prefill (vLLM's concat_and_cache_mla takes one token per CTA).
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import FLOAT_DTYPES, check_device, check_int4_cache, check_tensor, pow2_at_least
-from .int4_pack import FP16_MAX, int4_pack_rows, int4_row_offsets
+from latentkv.int4 import FP16_MAX, int4_pack_rows, int4_row_offsets
 
 
 @triton.jit
@@ -202,7 +202,7 @@ def latent_cache_write_int4(
     block_t: int = 8,
 ) -> None:
     """Quantize latent rows to INT4 (per-group fp16 scales) and write them, with fp16 rope keys,
-    into the uint8 paged cache in place. Bit-exact with `int4_pack.int4_pack_rows`."""
+    into the uint8 paged cache in place. Bit-exact with `latentkv.int4.int4_pack_rows`."""
     _check_write_inputs(latent, rope, kv_cache, slot_mapping, block_t)
     w, r = latent.shape[1], rope.shape[1]
     check_int4_cache(kv_cache, w, r, group_size)

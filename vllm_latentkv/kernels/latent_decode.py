@@ -9,7 +9,7 @@ Symbols
     P           page size; slot(b, t) = block_table[b, t // P] * P + t % P
     S           NUM_KV_SPLITS
 Inputs  q_latent [B, H, K_LEN] (= q_nope @ W_uk^T), q_rope [B, H, R_D] (rotated)
-Cache   plain [num_blocks, P, W + R_H * R_D] = [latent | rope]; INT4 layout in `int4_pack`.
+Cache   plain [num_blocks, P, W + R_H * R_D] = [latent | rope]; INT4 layout in `latentkv.int4`.
 
     s[b,h,t] = scale * (q_latent[b,h] . latent_t[K] + q_rope[b,h] . rope_t[slot(h)])   (DeepSeek-V2 eq. 10, absorbed)
     out[b,h] = sum_t softmax_t(s[b,h,:]) latent_t[V];   lse[b,h] = log sum_t exp(s[b,h,t])
@@ -48,7 +48,7 @@ from ._split_kv import (
     store_split_partial,
     tile_tokens,
 )
-from .int4_pack import int4_row_offsets, int4_unpack_rows
+from latentkv.int4 import int4_row_offsets, int4_unpack_rows
 
 
 @triton.jit
@@ -328,7 +328,7 @@ def latent_decode_attention_ref(
     """Plain torch reference (fp32, one sequence at a time, tokens gathered by slot).
 
     For an INT4 (uint8) cache pass latent_dim and group_size: rows are dequantized with
-    int4_pack.int4_unpack_rows first.
+    latentkv.int4.int4_unpack_rows first.
     """
     bsz, num_heads, k_len = q_latent.shape
     r_d = q_rope.shape[2]

@@ -1,9 +1,9 @@
-"""The INT4 format module (pure torch): pack/unpack, quantizer properties and error."""
+"""The INT4 latent-cache format (``latentkv.int4``, pure torch): pack/unpack, quantizer properties and error."""
 
 import pytest
 import torch
 
-from vllm_latentkv.kernels import (
+from latentkv.int4 import (
     dequantize_int4,
     int4_pack_rows,
     int4_row_bytes,
@@ -65,3 +65,27 @@ def test_quantizer_error_beats_absmax7(group_size):
         errs[scheme] = ((dequantize_int4(q, s, group_size) - x).pow(2).mean() / x.pow(2).mean()).sqrt().item()
     assert errs["signed_absmax"] < 0.1
     assert errs["signed_absmax"] < 0.93 * errs["absmax7"]
+
+
+def test_reference_model_attends_to_what_an_int4_cache_holds(tmp_path):
+    """cache_dtype int4: the reference quantizes latents as they are cached (prefill and decode alike)."""
+    import json
+
+    from converters.convert import ConvertOptions, convert
+    from latentkv.modeling import LatentKVCache
+    from tests.helpers import load_latent, make_hf_model
+
+    src = make_hf_model(tmp_path / "src", "llama", kv_heads=2)
+    out = tmp_path / "latent"
+    convert(src, out, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=2, rank=16), progress=False)
+    ids = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(0))
+    fp32 = load_latent(out)(ids).logits
+    config = json.loads((out / "config.json").read_text())
+    config["latent_kv"].update(cache_dtype="int4", int4_group_size=8)
+    (out / "config.json").write_text(json.dumps(config))
+    model = load_latent(out)
+    quantized = model(ids).logits
+    assert 1e-6 < (quantized - fp32).abs().max().item() < 0.5  # 4-bit latents move the logits, a little
+    cache = LatentKVCache(model.config.num_hidden_layers)
+    steps = [model(ids[:, :6], past_key_values=cache).logits] + [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(6, 14)]
+    assert (torch.cat(steps, 1) - quantized).abs().max().item() < 1e-4

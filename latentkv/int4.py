@@ -1,9 +1,9 @@
-"""INT4 latent-cache format: quantize, pack and the byte layout of one token row (pure torch).
+"""INT4 latent-cache format (``cache_dtype: int4`` of the checkpoint format): quantize, pack and
+the byte layout of one token row (pure torch).
 
-This module is the *definition* of the format; the Triton writer
-(`latent_cache.latent_cache_write_int4`) and the decode kernel
-(`latent_decode.latent_decode_attention_int4`) must reproduce it bit for bit, and the kernel
-tests check that they do.
+This module is the *definition* of the format, next to ``latentkv.format``: the reference model
+caches what it describes, the plugin's torch path packs with it, and the Triton writer and
+decode kernels (``vllm_latentkv.kernels``) must reproduce it bit for bit (their tests check).
 
 Symbols
     W   latent width per token (multiple of GROUP_SIZE)
@@ -20,7 +20,7 @@ Quantizer ("signed absmax", the Q4_0 rule of llama.cpp): per group x[0:G]
     q = clamp(floor(x / s + 0.5), -8, 7)
     x_hat = q * s
 The textbook symmetric rule s = max|x| / 7 wastes level -8: its step is 8/7 of this one, so its
-RMS error is ~14% larger (measured in tests/kernels/test_int4_pack.py). An asymmetric rule
+RMS error is ~14% larger (measured in tests/test_int4.py). An asymmetric rule
 (scale + zero point) would need a second number per group that the row layout does not have,
 and for zero-centred latents its step (max - min) / 15 is no finer. Rounding is floor(v + 0.5)
 rather than round-half-even so that Triton and torch agree on ties without libdevice.
@@ -133,3 +133,16 @@ def int4_unpack_rows(
     s = rows[..., nb : nb + ns].contiguous().view(torch.float16)
     rope = rows[..., nb + ns :].contiguous().view(torch.float16)
     return dequantize_int4(q, s, group_size), rope
+
+
+def as_cached(entries: dict[str, torch.Tensor], group_size: int) -> dict[str, torch.Tensor]:
+    """What an INT4 cache row gives back: latents quantized per group, the fp16 tail (rope keys,
+    key scales) rounded to fp16; in the entries' own dtype. The reference model caches this."""
+    out = {}
+    for name, x in entries.items():
+        if name == "latent":
+            q, s = quantize_int4(x, group_size)
+            out[name] = dequantize_int4(q, s, group_size).to(x.dtype)
+        else:
+            out[name] = x.to(torch.float16).to(x.dtype)
+    return out
