@@ -392,14 +392,7 @@ def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int,
     try:
         with lt._request(base_url, "/v1/completions", payload, None, timeout) as resp:
             ttft, last, itl, usage, times = None, None, [], None, []
-            for raw in resp:  # server-sent events: "data: {...}" ... "data: [DONE]"
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            for event in lt.sse_events(resp):
                 if event.get("usage"):
                     usage = event["usage"]
                 k = sum(len(c.get("token_ids") or []) or int(bool(c.get("text"))) for c in event.get("choices", []))

@@ -165,6 +165,18 @@ def _normalize_base_url(base_url: str) -> str:
     return urllib.parse.urlunparse((parsed.scheme, parsed.netloc, path, "", "", ""))
 
 
+def sse_events(resp):
+    """The JSON events of a server-sent-event stream ("data: {...}" lines), until "data: [DONE]"."""
+    for raw in resp:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
 def _request(base_url: str, path: str, payload: dict | None, api_key: str | None, timeout: float):
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if api_key:
@@ -212,14 +224,7 @@ def one_request(
                     prompt_tokens=int(usage.get("prompt_tokens", 0)),
                 )
             ttft, chunks, usage = None, 0, None
-            for raw in resp:  # server-sent events: "data: {...}\n\n" ... "data: [DONE]"
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                event = json.loads(data)
+            for event in sse_events(resp):
                 if event.get("usage"):
                     usage = event["usage"]
                 if any(c.get("text") for c in event.get("choices", [])):
