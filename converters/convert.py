@@ -25,7 +25,7 @@ from converters import calibration as calib
 from converters import methods
 from converters.importers.hf import SourceModel
 from converters.transkv_layer import build_reduced_layer, kv_head_autocorrelation
-from converters.latent_attention import LatentPlan, build_latent_layer, source_layer_tensors
+from converters.latent_attention import LatentPlan, build_latent_layer, compressed_blocks, source_layer_tensors
 from converters.math import rope_selection as rs
 from latentkv import checkpoint as ckpt
 from latentkv import format as fmt
@@ -111,6 +111,14 @@ def latent_widths(opts: ConvertOptions, dims: fmt.ModelDims, qk_norm: bool) -> l
     return [width] * L
 
 
+def width_limit(opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: int) -> int:
+    """The largest latent width that still compresses anything (beyond it the latent is exact)."""
+    G, d_h = dims.num_key_value_heads, dims.head_dim
+    if opts.svd == "joint" or nope_dim == 0:
+        return min(G * (nope_dim + d_h), dims.hidden_size)
+    return 2 * min(G * d_h, dims.hidden_size)
+
+
 def make_ranks(width: int, opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: int) -> tuple[int, int]:
     """(k_rank, v_rank) for a latent of ``width`` values, checked against what is possible.
 
@@ -118,16 +126,15 @@ def make_ranks(width: int, opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: 
     exact already); an explicit --rank above it is an error.
     """
     clamp = opts.kv_ratio is not None
-    G, d_h, n_grp = dims.num_key_value_heads, dims.head_dim, opts.latent_groups
+    n_grp = opts.latent_groups
+    limit = width_limit(opts, dims, nope_dim)
     if opts.svd == "joint" or nope_dim == 0:
         k_rank = v_rank = width
-        limit = min(G * (nope_dim + d_h), dims.hidden_size)
     else:
         if width < 2:
             raise ConversionError(f"a split latent needs width >= 2, got {width}")
         k_rank = width // 2  # MHA2MLA's SVD_split gives d_kv / 2 to each
         v_rank = width - k_rank
-        limit = 2 * min(G * d_h, dims.hidden_size)
     if width > limit and clamp:
         log.info("latent width %d is more than the useful maximum %d; using %d", width, limit, limit)
         return make_ranks(limit, opts, dims, nope_dim)
@@ -313,20 +320,6 @@ def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceM
     return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims), input_mean=mean)
 
 
-def _nope_and_value(src, plan: LatentPlan, dims: fmt.ModelDims):
-    from converters import latent_attention as la
-
-    builders = {"partial": la._partial_parts, "shared": la._shared_parts, "full": la._full_parts}
-    return builders[plan.rope_mode](src, plan, dims)["wk_nope"], src.wv
-
-
-def _width_limit(opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: int) -> int:
-    G, d_h = dims.num_key_value_heads, dims.head_dim
-    if opts.svd == "joint" or nope_dim == 0:
-        return min(G * (nope_dim + d_h), dims.hidden_size)
-    return 2 * min(G * d_h, dims.hidden_size)
-
-
 def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel, hidden, cached_stats: dict) -> list[int]:
     """Per-layer latent widths with the same total as ``widths`` over the compressed layers.
 
@@ -342,7 +335,7 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
     if not layers:
         return out
     nope_dim = dims.head_dim - 2 * opts.rope_pairs if opts.rope_mode == "partial" else dims.head_dim
-    limit = _width_limit(opts, dims, nope_dim)
+    limit = width_limit(opts, dims, nope_dim)
     clamp = lambda w: min(w, limit) if opts.kv_ratio is not None else w  # noqa: E731
     total = sum(clamp(widths[i]) for i in layers)
     step = opts.latent_groups * (1 if opts.svd == "joint" or nope_dim == 0 else 2)
@@ -359,7 +352,7 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
                 plan.pairs = rs.select_partial_pairs(strategy, dims.head_dim // 2, dims.num_key_value_heads, opts.rope_pairs, None)
             elif opts.rope_mode == "shared":
                 plan.rope_mode = "full"  # condition numbers of W_k, W_v as a whole
-            wk, wv = _nope_and_value(src, plan, dims)
+            wk, wv = compressed_blocks(src, plan, dims)
             pairs.append((wk, wv) if wk.shape[0] else (wv, wv))
         res = lorc_progressive_ranks(pairs, d_max=limit, target_avg_rank=total / len(layers), min_rank=lo)
         ranks = [max(lo, r // step * step) for r in res.ranks]
@@ -375,7 +368,7 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
                 if opts.calibration_inputs == "original":
                     cached_stats[i] = stats
                 plan = plan_layer(i, lo, opts, source, stats)
-                wk, wv = _nope_and_value(src, plan, dims)
+                wk, wv = compressed_blocks(src, plan, dims)
                 curve = methods.width_error_curve(opts, stats, wk, wv, plan.joint)
                 curves.append(curve[::step].clone())  # width units of `step` values
             if i + 1 < L and i < max(layers):

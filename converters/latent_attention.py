@@ -69,8 +69,7 @@ def build_latent_layer(
     With ``input_mean`` mu (the centred methods), the up-projection biases absorb the mean error of
     the factorisation, b^ = b + (W - B A) mu (LatentLLM eq. 43): the layer is exact on the mean input.
     """
-    builders = {"partial": _partial_parts, "shared": _shared_parts, "full": _full_parts}
-    parts = builders[plan.rope_mode](src, plan, dims)
+    parts = _mode_parts(src, plan, dims)
     tensors = dict(parts.pop("direct"))
     latent_a, k_b, v_b = _factorize_kv(parts["wk_nope"], src.wv, plan, dims, factorize)
     d_n = parts["d_n"]
@@ -131,6 +130,16 @@ def _reconstruct(a: torch.Tensor, up: torch.Tensor, G: int, n_grp: int) -> torch
     """The weight a latent factorisation stands for: head g's rows = up_g @ a[chunk(g)] -> [G out, D]."""
     chunks = a.view(n_grp, -1, a.shape[1]).repeat_interleave(G // n_grp, dim=0)  # [G, r', D]
     return torch.einsum("gor,grd->god", up.view(G, -1, up.shape[1]), chunks).reshape(-1, a.shape[1])
+
+
+def compressed_blocks(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W_k,nope [G d_n, D], W_v [G d_h, D]): the weights the latent of this RoPE mode compresses."""
+    return _mode_parts(src, plan, dims)["wk_nope"], src.wv
+
+
+def _mode_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> dict:
+    builders = {"partial": _partial_parts, "shared": _shared_parts, "full": _full_parts}
+    return builders[plan.rope_mode](src, plan, dims)
 
 
 def _factorize_kv(wk_nope, wv, plan: LatentPlan, dims: fmt.ModelDims, factorize: Factorizer):
