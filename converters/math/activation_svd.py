@@ -48,8 +48,10 @@ __all__ = [
 Split = Literal["B", "A", "sqrt"]
 
 
-def _svd_whitened(W: torch.Tensor, P: torch.Tensor):
+def _svd_whitened(W: torch.Tensor, P: torch.Tensor | None):
     W64 = W.to(torch.float64)
+    if P is None:  # identity pre-conditioner: plain SVD, without a D x D product
+        return torch.linalg.svd(W64, full_matrices=False)
     P64 = P.to(device=W.device, dtype=torch.float64)
     if P64.shape != (W.shape[1], W.shape[1]):
         raise ValueError(f"P must be [{W.shape[1]}, {W.shape[1]}], got {tuple(P.shape)}")
@@ -60,8 +62,8 @@ def _svd_whitened(W: torch.Tensor, P: torch.Tensor):
 def activation_aware_lowrank(
     W: torch.Tensor,
     rank: int,
-    P: torch.Tensor,
-    P_inv: torch.Tensor,
+    P: torch.Tensor | None,
+    P_inv: torch.Tensor | None,
     *,
     split: Split = "B",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,23 +71,24 @@ def activation_aware_lowrank(
 
     B A P = svd_r[W P] (LatentLLM eq. 3); B = U S J, A = J^+ V^T P^+ (eq. 7) with J chosen by
     `split` ("B": J = I, the default -- see module docstring).  At rank = min(out, in) B A == W
-    up to round-off for any invertible P.
+    up to round-off for any invertible P.  P = P_inv = None is the identity (plain SVD).
     """
     out_f, in_f = W.shape
     if not 0 <= rank <= min(out_f, in_f):
         raise ValueError(f"rank {rank} outside [0, min(out={out_f}, in={in_f})]")
     U, S, Vh = _svd_whitened(W, P)
     U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
-    P_inv64 = P_inv.to(device=W.device, dtype=torch.float64)
     if split == "B":  # J = I
-        B, A = U * S, Vh @ P_inv64
+        B, A = U * S, Vh
     elif split == "A":  # J = S^+
-        B, A = U.clone(), (S[:, None] * Vh) @ P_inv64
+        B, A = U.clone(), S[:, None] * Vh
     elif split == "sqrt":  # J = [S^{1/2}]^+
         s = S.sqrt()
-        B, A = U * s, (s[:, None] * Vh) @ P_inv64
+        B, A = U * s, s[:, None] * Vh
     else:
         raise ValueError(f"split must be 'B', 'A' or 'sqrt', got {split!r}")
+    if P_inv is not None:
+        A = A @ P_inv.to(device=W.device, dtype=torch.float64)
     return A.contiguous(), B.contiguous()
 
 
