@@ -35,6 +35,8 @@ from latentkv.rope import rotate
 
 # MLACommonBackend.get_supported_head_sizes() of vLLM 0.32 (kv_lora_rank + qk_rope_head_dim).
 MLA_HEAD_SIZES = (320, 512, 576)
+# CPUMLABackend.get_supported_head_sizes(): vLLM's CPU decode kernel is built for DeepSeek's 512 + 64 only.
+CPU_MLA_HEAD_SIZES = (576,)
 
 
 def mla_unsupported_reason(layer: fmt.LayerSpec, spec: fmt.LatentKVSpec, dims: fmt.ModelDims,

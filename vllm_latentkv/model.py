@@ -65,7 +65,7 @@ class LatentKVDecoderLayer(nn.Module):
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         idx = extract_layer_index(prefix)
-        if use_vllm_mla(spec.layers[idx], spec, dims):  # CUDA + shared RoPE: vLLM's own MLA layer
+        if use_vllm_mla(spec.layers[idx], spec, dims):  # shared RoPE of DeepSeek's size: vLLM's own MLA layer
             self.self_attn = LatentMLAAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
         elif isinstance(spec.layers[idx], fmt.LatentLayer):
             self.self_attn = LatentAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")

@@ -183,3 +183,22 @@ def test_weight_packed_linear_is_linear_with_fp32_bias(dtype):
     torch.ops._C.weight_packed_linear(out, x, packed, bias, True)
     ref = x.double() @ weight.double().t() + bias.double()
     torch.testing.assert_close(out, ref.to(dtype))
+
+
+def test_mla_decode_kvcache_is_mqa_over_each_requests_pages():
+    """vLLM's CPU_MLA decode: per request, softmax(q . row * scale) over its cache rows (shuffled
+    pages, lengths on and off page boundaries), weighted sum of the rows' latent part."""
+    ops.register_cpu_ops()
+    gen = torch.Generator().manual_seed(4)
+    heads, latent, rope, block_size, num_blocks = 3, 10, 4, 4, 12
+    cache = torch.randn(num_blocks, block_size, latent + rope, generator=gen)
+    seq_lens = torch.tensor([1, 4, 9], dtype=torch.int32)
+    block_tables = torch.randperm(num_blocks, generator=gen)[:9].view(3, 3).to(torch.int32)
+    query = torch.randn(3, heads, latent + rope, generator=gen)
+    out = torch.full((3, heads, latent), float("nan"))
+    torch.ops._C.mla_decode_kvcache(out, query, cache, 0.3, block_tables, seq_lens)
+    for b, n in enumerate(seq_lens.tolist()):
+        rows = cache[block_tables[b].long()].reshape(-1, latent + rope)[:n]  # the request's rows in order
+        k, v = rows.unsqueeze(0).expand(heads, -1, -1), rows[:, :latent].unsqueeze(0).expand(heads, -1, -1)
+        ref = torch.nn.functional.scaled_dot_product_attention(query[b].unsqueeze(1), k, v, scale=0.3)
+        torch.testing.assert_close(out[b], ref.squeeze(1))

@@ -1,8 +1,9 @@
-"""A ``shared``-RoPE latent layer served by vLLM's own MLA layer (FlashMLA / Triton MLA on CUDA).
+"""A ``shared``-RoPE latent layer served by vLLM's own MLA layer (FlashMLA / Triton MLA on CUDA, CPU_MLA on CPU).
 
 Used instead of :class:`~vllm_latentkv.attention.layer.LatentAttention` when :func:`use_vllm_mla`
-says so: CUDA platform, ``shared`` RoPE with one rope head, no biases or q/k norms, ``auto`` cache
-dtype and a cache row (W + R_D) in vLLM MLA's head-size list; ``LATENTKV_VLLM_MLA=0`` turns it off.
+says so: ``shared`` RoPE with one rope head, no biases or q/k norms, ``auto`` cache dtype and a
+cache row (W + R_D) in vLLM MLA's head-size list (on CPU: 576 only, the size of vLLM's CPU
+decode kernel); ``LATENTKV_VLLM_MLA=0`` turns it off.
 The weights map as in :mod:`vllm_latentkv.mla_mapping`:
 
 * ``q_proj``, ``kv_a_proj`` (= ``kv_a_proj_with_mqa``), ``o_proj`` load as they are;
@@ -38,18 +39,31 @@ from vllm_latentkv._vllm import (
     VllmConfig,
 )
 from vllm_latentkv.attention.tp import tp_split
-from vllm_latentkv.mla_mapping import PairRotaryEmbedding, kv_b_weight, mla_unsupported_reason, rope_inv_freq
+from vllm_latentkv.mla_mapping import (
+    CPU_MLA_HEAD_SIZES,
+    MLA_HEAD_SIZES,
+    PairRotaryEmbedding,
+    kv_b_weight,
+    mla_unsupported_reason,
+    rope_inv_freq,
+)
 
 ENV = "LATENTKV_VLLM_MLA"
 
 
 def use_vllm_mla(layer: fmt.LayerSpec, spec: fmt.LatentKVSpec, dims: fmt.ModelDims) -> bool:
-    """Serve this layer with vLLM's MLA layer (CUDA only; our own backend everywhere else)."""
+    """Serve this layer with vLLM's MLA layer (CUDA and CPU; our own backend everywhere else)."""
     if os.environ.get(ENV, "1") == "0":
         return False
     from vllm.platforms import current_platform
 
-    return current_platform.is_cuda() and mla_unsupported_reason(layer, spec, dims) is None
+    if current_platform.is_cuda():
+        head_sizes = MLA_HEAD_SIZES
+    elif current_platform.is_cpu():
+        head_sizes = CPU_MLA_HEAD_SIZES
+    else:
+        return False
+    return mla_unsupported_reason(layer, spec, dims, head_sizes=head_sizes) is None
 
 
 class _KvBPart(nn.Module):

@@ -17,9 +17,10 @@ Attention backend choice (``get_attn_backend_cls``), in order:
 2. a backend named with ``--attention-backend NAME`` / ``attention_config.backend``
    is used if it is registered from outside vLLM (vLLM's own backends need compiled
    kernels and are ignored with a log line, as vLLM's CpuPlatform does);
-3. MLA layers (``use_mla``) get the backend registered under
-   :data:`MLA_BACKEND_NAME` (``register_backend("LATENTKV_MLA", "pkg.Cls")`` from
-   ``vllm_latentkv.register()``); this module ships none;
+3. vLLM's own MLA layers (``use_mla``: ``MLAAttention``, as DeepSeek models and
+   latentkv's ``shared``-RoPE layers of DeepSeek's size build it) get vLLM's reference
+   ``CPU_MLA`` backend, whose one compiled op (``_C::mla_decode_kvcache``) :mod:`.ops`
+   defines; latentkv's own latent layers name their backend themselves (step 1);
 4. everything else gets :class:`~.torch_attn.TorchPagedAttentionBackend`.
 """
 
@@ -29,8 +30,6 @@ from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_b
 
 from vllm_latentkv.platform import ops
 
-# The enum name the later MLA/latent-KV backend registers under (hook, step 3).
-MLA_BACKEND_NAME = "LATENTKV_MLA"
 TORCH_ATTN_NAME = "TORCH_PAGED_ATTN"
 TORCH_ATTN_PATH = "vllm_latentkv.platform.torch_attn.TorchPagedAttentionBackend"
 DEFAULT_KV_CACHE_BYTES = 1 << 30
@@ -119,7 +118,8 @@ class LatentKVCpuPlatform(CpuPlatform):
                 return path
             cls._log_ignored(selected_backend)
         if cfg.use_mla:
-            return cls._mla_backend_path()
+            logger.info_once("Using vLLM's CPU_MLA backend for MLA layers.")
+            return AttentionBackendEnum.CPU_MLA.get_path()
         return cls._torch_backend_path(cfg)
 
     @staticmethod
@@ -129,18 +129,6 @@ class LatentKVCpuPlatform(CpuPlatform):
             "kernels the latentkv CPU platform does not have.",
             selected_backend.name,
         )
-
-    @staticmethod
-    def _mla_backend_path() -> str:
-        member = AttentionBackendEnum.__members__.get(MLA_BACKEND_NAME)
-        if member is None:
-            raise NotImplementedError(
-                "This model uses MLA, and no pure-PyTorch MLA backend is registered "
-                "for the latentkv CPU platform. Register one from "
-                f"vllm_latentkv.register(): register_backend({MLA_BACKEND_NAME!r}, "
-                "'pkg.module.Backend')."
-            )
-        return member.get_path()
 
     @staticmethod
     def _torch_backend_path(cfg) -> str:

@@ -15,6 +15,8 @@ op / kernel                            caller (vLLM 0.32.0)
 ``_C::convert_weight_packed``,         ``model_executor/layers/utils.py``
 ``_C::weight_packed_linear``           (``dispatch_cpu_unquantized_gemm``: bf16/fp16
                                        linear layers, on hosts with AMX only)
+``_C::mla_decode_kvcache``             ``v1/attention/backends/mla/cpu_mla.py``
+                                       (decode of vLLM's own MLA layer, CPU_MLA)
 ``ComputeSlotMappingKernel.kernel``    ``v1/worker/block_table.py`` (Triton kernel,
                                        replaced through ``register_kernels``)
 =====================================  =============================================
@@ -42,6 +44,10 @@ _SCHEMAS = {
     "weight_packed_linear": (
         "weight_packed_linear(Tensor(a!) out, Tensor mat1, Tensor mat2, Tensor? bias, "
         "bool is_vnni) -> ()"
+    ),
+    "mla_decode_kvcache": (
+        "mla_decode_kvcache(Tensor(a!) out, Tensor query, Tensor kv_cache, float scale, "
+        "Tensor block_tables, Tensor seq_lens) -> ()"
     ),
 }
 
@@ -163,6 +169,25 @@ def weight_packed_linear(
     out.copy_(result)
 
 
+def mla_decode_kvcache(
+    out: torch.Tensor,  # [B, H, W]
+    query: torch.Tensor,  # [B, H, W + R]: absorbed nope query | rope query
+    kv_cache: torch.Tensor,  # [num_blocks, block_size, W + R]: latent | shared rope key
+    scale: float,
+    block_tables: torch.Tensor,  # [B, max_blocks]
+    seq_lens: torch.Tensor,  # [B]
+) -> None:
+    """MQA of each decode query over its request's cache rows; ``out`` is the attention-weighted
+    sum of the rows' first W values (the latent), as the C++ kernel writes it."""
+    block_size, width = kv_cache.shape[1], out.shape[-1]
+    rows_of = kv_cache.view(-1, kv_cache.shape[-1])
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        pos = torch.arange(seq_len)
+        rows = rows_of[block_tables[b, pos // block_size].long() * block_size + pos % block_size].float()
+        probs = torch.softmax(query[b].float() @ rows.T * scale, dim=-1)  # [H, seq_len]
+        out[b] = (probs @ rows[:, :width]).to(out.dtype)
+
+
 _IMPLS = {
     "init_cpu_memory_env": init_cpu_memory_env,
     "compute_slot_mapping_kernel_impl": compute_slot_mapping_kernel_impl,
@@ -170,6 +195,7 @@ _IMPLS = {
     "fused_gumbel_argmax": fused_gumbel_argmax,
     "convert_weight_packed": convert_weight_packed,
     "weight_packed_linear": weight_packed_linear,
+    "mla_decode_kvcache": mla_decode_kvcache,
 }
 
 

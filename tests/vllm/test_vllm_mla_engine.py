@@ -1,0 +1,85 @@
+"""``shared``-RoPE layers of DeepSeek's size served by vLLM's own MLA layer, in the real engine.
+
+Subject: a random GQA Llama (4 query / 2 KV heads, head_dim 128) converted with
+``--rope-mode shared --rope-pairs 32 --svd joint --rank 512``: per token and layer the cache row is
+a 512-wide latent plus one shared 64-dim rope key, DeepSeek-V3's layout. On a GPU these layers run
+on FlashMLA / Triton MLA; on the CPU platform the same ``MLAAttention`` code (weight absorption,
+chunked-context prefill, cache writes) runs on vLLM's reference ``CPU_MLA`` backend, whose one
+compiled op the platform defines in PyTorch. Only the GPU decode kernels themselves are not
+exercised here.
+
+Oracle: ``latentkv.modeling`` (float32), greedy and teacher-forced logprobs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from test_latent_helpers import (  # noqa: E402
+    calibration_ids,
+    check_greedy_matches_reference,
+    check_prompt_logprobs_match_reference,
+    chunked_engine,
+    convert_to,
+    make_random_llama,
+    random_prompts,
+    reference_model,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+N_NEW = 12
+VOCAB = 256
+CACHE_ROW = 512 + 64  # kv_lora_rank + qk_rope_head_dim
+
+
+@pytest.fixture(scope="module")
+def latent(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("deepseek_shaped")
+    src = make_random_llama(tmp / "src", heads=4, kv_heads=2, head_dim=128, hidden=512, layers=2, vocab=VOCAB)
+    return convert_to(src, tmp / "latent", rope_mode="shared", rope_pairs=32, svd="joint", rank=512,
+                      calibration_ids=calibration_ids(VOCAB))
+
+
+@pytest.fixture(scope="module")
+def ref(latent):
+    return reference_model(latent)
+
+
+@pytest.fixture(scope="module")
+def engine(latent):
+    e = chunked_engine(latent)
+    yield e
+    e.close()
+
+
+def test_layers_run_on_vllm_mla_with_deepseek_cache_rows(engine):
+    caches = engine.layer_caches()
+    assert len(caches) == 2
+    for name, (impl, _, shape) in caches.items():
+        assert name.endswith("self_attn.mla.mla_attn"), name  # vLLM's MLAAttention inside the wrapper
+        assert impl == "CPUMLAImpl"
+        assert shape[-1] == CACHE_ROW
+
+
+def test_greedy_matches_reference_with_chunked_prefill_and_prefix_caching(engine, ref):
+    check_greedy_matches_reference(engine, ref, random_prompts(VOCAB), N_NEW, prefix_cached=True)
+
+
+def test_prompt_logprobs_match_reference(engine, ref):
+    check_prompt_logprobs_match_reference(engine, ref, random_prompts(VOCAB)[-1])
+
+
+def test_switch_off_serves_the_same_layers_on_our_backend(latent, engine, monkeypatch):
+    monkeypatch.setenv("LATENTKV_VLLM_MLA", "0")
+    ours = chunked_engine(latent)
+    try:
+        assert {impl for impl, _, _ in ours.layer_caches().values()} == {"LatentKVAttentionImpl"}
+        prompts = random_prompts(VOCAB)
+        got = [list(o.outputs[0].token_ids) for o in ours.greedy(prompts, N_NEW)]
+        want = [list(o.outputs[0].token_ids) for o in engine.greedy(prompts, N_NEW)]
+        assert got == want
+    finally:
+        ours.close()
