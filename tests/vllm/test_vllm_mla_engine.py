@@ -1,12 +1,17 @@
 """``shared``-RoPE layers of DeepSeek's size served by vLLM's own MLA layer, in the real engine.
 
-Subject: a random GQA Llama (4 query / 2 KV heads, head_dim 128) converted with
-``--rope-mode shared --rope-pairs 32 --svd joint --rank 512``: per token and layer the cache row is
-a 512-wide latent plus one shared 64-dim rope key, DeepSeek-V3's layout. On a GPU these layers run
-on FlashMLA / Triton MLA; on the CPU platform the same ``MLAAttention`` code (weight absorption,
-chunked-context prefill, cache writes) runs on vLLM's reference ``CPU_MLA`` backend, whose one
-compiled op the platform defines in PyTorch. Only the GPU decode kernels themselves are not
-exercised here.
+Subject: a random GQA Llama (4 query / 2 KV heads, head_dim 128, 3 layers) converted with
+``--rope-mode shared --rope-pairs 32 --svd joint --ranks 512,256,512 --keep-layers 2``:
+
+* layer 0: a 512-wide latent plus one shared 64-dim rope key per token, DeepSeek-V3's cache row:
+  vLLM's own ``MLAAttention``. On a GPU it runs on FlashMLA / Triton MLA; on the CPU platform the
+  same layer code (weight absorption, chunked-context prefill, cache writes) runs on vLLM's
+  reference ``CPU_MLA`` backend, whose one compiled op the platform defines in PyTorch. Only the
+  GPU decode kernels themselves are not exercised here;
+* layer 1: 256 + 64, a size vLLM's CPU MLA kernel lacks: our latent backend;
+* layer 2: kept as a source layer: vLLM's standard attention.
+
+All three share one KV-cache manager.
 
 Oracle: ``latentkv.modeling`` (float32), greedy and teacher-forced logprobs.
 """
@@ -38,9 +43,9 @@ CACHE_ROW = 512 + 64  # kv_lora_rank + qk_rope_head_dim
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepseek_shaped")
-    src = make_random_llama(tmp / "src", heads=4, kv_heads=2, head_dim=128, hidden=512, layers=2, vocab=VOCAB)
-    return convert_to(src, tmp / "latent", rope_mode="shared", rope_pairs=32, svd="joint", rank=512,
-                      calibration_ids=calibration_ids(VOCAB))
+    src = make_random_llama(tmp / "src", heads=4, kv_heads=2, head_dim=128, hidden=512, layers=3, vocab=VOCAB)
+    return convert_to(src, tmp / "latent", rope_mode="shared", rope_pairs=32, svd="joint", ranks=[512, 256, 512],
+                      keep_layers=[2], calibration_ids=calibration_ids(VOCAB))
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +60,14 @@ def engine(latent):
     e.close()
 
 
-def test_layers_run_on_vllm_mla_with_deepseek_cache_rows(engine):
+def test_each_layer_gets_its_attention(engine):
     caches = engine.layer_caches()
-    assert len(caches) == 2
-    for name, (impl, _, shape) in caches.items():
-        assert name.endswith("self_attn.mla.mla_attn"), name  # vLLM's MLAAttention inside the wrapper
-        assert impl == "CPUMLAImpl"
-        assert shape[-1] == CACHE_ROW
+    impl, _, shape = caches["model.layers.0.self_attn.mla.mla_attn"]  # vLLM's MLAAttention in the wrapper
+    assert impl == "CPUMLAImpl" and shape[-1] == CACHE_ROW
+    impl, _, shape = caches["model.layers.1.self_attn"]
+    assert impl == "LatentKVAttentionImpl" and shape[-1] == 256 + 64
+    assert caches["model.layers.2.self_attn.attn"][0] == "TorchPagedAttentionImpl"
+    assert len(caches) == 3
 
 
 def test_greedy_matches_reference_with_chunked_prefill_and_prefix_caching(engine, ref):
@@ -76,7 +82,8 @@ def test_switch_off_serves_the_same_layers_on_our_backend(latent, engine, monkey
     monkeypatch.setenv("LATENTKV_VLLM_MLA", "0")
     ours = chunked_engine(latent)
     try:
-        assert {impl for impl, _, _ in ours.layer_caches().values()} == {"LatentKVAttentionImpl"}
+        impls = {name: impl for name, (impl, _, _) in ours.layer_caches().items()}
+        assert impls["model.layers.0.self_attn"] == impls["model.layers.1.self_attn"] == "LatentKVAttentionImpl"
         prompts = random_prompts(VOCAB)
         got = [list(o.outputs[0].token_ids) for o in ours.greedy(prompts, N_NEW)]
         want = [list(o.outputs[0].token_ids) for o in engine.greedy(prompts, N_NEW)]
