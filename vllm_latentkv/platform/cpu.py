@@ -24,6 +24,8 @@ Attention backend choice (``get_attn_backend_cls``), in order:
 4. everything else gets :class:`~.torch_attn.TorchPagedAttentionBackend`.
 """
 
+import os
+
 from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
@@ -88,6 +90,10 @@ class LatentKVCpuPlatform(CpuPlatform):
         compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.custom_ops = ["none"]
+        # vLLM's default ("auto") binds each CPU worker's OpenMP threads to a NUMA node of its
+        # own and so refuses TP > 1 on one-node machines; a reference platform gains nothing
+        # from binding. An explicit VLLM_CPU_OMP_THREADS_BIND still wins.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         cache = vllm_config.cache_config
         if cache.kv_cache_memory_bytes is None:
             # Without a budget the CPU worker reserves gpu_memory_utilization of
