@@ -186,6 +186,43 @@ def calibration_ids(vocab: int) -> torch.Tensor:
     return torch.randint(3, vocab, (8, 64), generator=torch.Generator().manual_seed(0))
 
 
+RANDOM_VOCAB = 256
+# Random models and how they are converted: (make_random_llama arguments, convert options).
+RANDOM_CASES = {
+    # q/k/v biases, per-layer ranks, two Palu latent groups, layer 1 kept (vLLM's Attention)
+    "gqa_partial": (
+        dict(family="qwen2", heads=8, kv_heads=2, head_dim=16, layers=3),
+        dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[24, 32, 16],
+             latent_groups=2, keep_layers=[1]),
+    ),
+    # cache = latent only, keys rebuilt; split latent
+    "mha_full": (
+        dict(family="llama", heads=4, kv_heads=4, head_dim=16, layers=3),
+        dict(rope_mode="full", svd="split", ranks=[64, 48, 96]),
+    ),
+    "gqa_shared": (
+        dict(family="llama", heads=4, kv_heads=2, head_dim=16, layers=2),
+        dict(rope_mode="shared", rope_pairs=4, svd="joint", ranks=[32, 24]),
+    ),
+    # layer 0: 512 latent + 64 shared rope, DeepSeek-V3's cache row (vLLM's MLAAttention);
+    # layer 1: 256 + 64 (our backend); layer 2 kept
+    "deepseek_shaped": (
+        dict(family="llama", heads=4, kv_heads=2, head_dim=128, hidden=512, layers=3),
+        dict(rope_mode="shared", rope_pairs=32, svd="joint", ranks=[512, 256, 512], keep_layers=[2]),
+    ),
+}
+
+
+def convert_random_case(tmp: Path, name: str) -> Path:
+    """RANDOM_CASES[name] saved under tmp/src and converted to tmp/latent (shared RoPE calibrated
+    on random ids); returns the converted checkpoint."""
+    model_args, opts = RANDOM_CASES[name]
+    src = make_random_llama(tmp / "src", vocab=RANDOM_VOCAB, **model_args)
+    if opts["rope_mode"] == "shared":
+        opts = {**opts, "calibration_ids": calibration_ids(RANDOM_VOCAB)}
+    return convert_to(src, tmp / "latent", **opts)
+
+
 def check_greedy_matches_reference(engine: Engine, ref, prompts: list[list[int]], n: int, *,
                                    prefix_cached: bool = False) -> None:
     """Greedy continuations of ``prompts`` through the engine == the reference's; with

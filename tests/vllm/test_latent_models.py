@@ -17,13 +17,12 @@ pytest.importorskip("vllm")
 
 from latentkv import format as fmt  # noqa: E402
 from test_latent_helpers import (  # noqa: E402
-    calibration_ids,
+    RANDOM_VOCAB,
     check_greedy_matches_reference,
     check_prompt_logprobs_match_reference,
     chunked_engine,
-    convert_to,
+    convert_random_case,
     latent_spec,
-    make_random_llama,
     random_prompts,
     reference_model,
 )
@@ -31,34 +30,13 @@ from test_latent_helpers import (  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 N_NEW = 16
-VOCAB = 256
-
-CASES = {
-    "gqa_partial": (
-        dict(family="qwen2", heads=8, kv_heads=2, head_dim=16, layers=3),
-        dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[24, 32, 16],
-             latent_groups=2, keep_layers=[1]),
-    ),
-    "mha_full": (
-        dict(family="llama", heads=4, kv_heads=4, head_dim=16, layers=3),
-        dict(rope_mode="full", svd="split", ranks=[64, 48, 96]),
-    ),
-    "gqa_shared": (
-        dict(family="llama", heads=4, kv_heads=2, head_dim=16, layers=2),
-        dict(rope_mode="shared", rope_pairs=4, svd="joint", ranks=[32, 24]),
-    ),
-}
+VOCAB = RANDOM_VOCAB
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=["gqa_partial", "mha_full", "gqa_shared"])
 def case(request, tmp_path_factory):
     name = request.param
-    model_args, opts = CASES[name]
-    tmp = tmp_path_factory.mktemp(name)
-    src = make_random_llama(tmp / "src", vocab=VOCAB, **model_args)
-    if opts["rope_mode"] == "shared":
-        opts = {**opts, "calibration_ids": calibration_ids(VOCAB)}
-    latent = convert_to(src, tmp / "latent", **opts)
+    latent = convert_random_case(tmp_path_factory.mktemp(name), name)
     engine = chunked_engine(latent)
     yield name, latent, reference_model(latent), engine
     engine.close()

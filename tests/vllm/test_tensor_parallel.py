@@ -21,12 +21,12 @@ import pytest
 pytest.importorskip("vllm")
 
 from test_latent_helpers import (  # noqa: E402
-    calibration_ids,
+    RANDOM_CASES,
+    RANDOM_VOCAB,
     check_greedy_matches_reference,
     check_prompt_logprobs_match_reference,
     chunked_engine,
-    convert_to,
-    make_random_llama,
+    convert_random_case,
     random_prompts,
     reference_model,
 )
@@ -34,35 +34,14 @@ from test_latent_helpers import (  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 N_NEW = 12
-VOCAB = 256
+VOCAB = RANDOM_VOCAB
 TP = 2
 
-CASES = {
-    "gqa_partial": (
-        dict(family="qwen2", heads=8, kv_heads=2, head_dim=16, layers=3),
-        dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[24, 32, 16],
-             latent_groups=2, keep_layers=[1]),
-    ),
-    "mha_full": (
-        dict(family="llama", heads=4, kv_heads=4, head_dim=16, layers=2),
-        dict(rope_mode="full", svd="split", ranks=[64, 48]),
-    ),
-    "deepseek_shaped": (
-        dict(family="llama", heads=4, kv_heads=2, head_dim=128, hidden=512, layers=3),
-        dict(rope_mode="shared", rope_pairs=32, svd="joint", ranks=[512, 256, 512], keep_layers=[2]),
-    ),
-}
 
-
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=["gqa_partial", "mha_full", "deepseek_shaped"])
 def case(request, tmp_path_factory):
     name = request.param
-    model_args, opts = CASES[name]
-    tmp = tmp_path_factory.mktemp(name)
-    src = make_random_llama(tmp / "src", vocab=VOCAB, **model_args)
-    if opts["rope_mode"] == "shared":
-        opts = {**opts, "calibration_ids": calibration_ids(VOCAB)}
-    latent = convert_to(src, tmp / "latent", **opts)
+    latent = convert_random_case(tmp_path_factory.mktemp(name), name)
     engine = chunked_engine(latent, tensor_parallel_size=TP, distributed_executor_backend="mp")
     yield name, reference_model(latent), engine
     engine.close()
@@ -72,7 +51,7 @@ def test_each_rank_holds_half_the_heads(case):
     name, _, engine = case
     ranks = engine.llm.llm_engine.collective_rpc("apply_model", args=(_local_heads,))
     assert len(ranks) == TP
-    full = CASES[name][0]["heads"]
+    full = RANDOM_CASES[name][0]["heads"]
     for per_layer in ranks:
         assert per_layer and all(heads == full // TP for heads in per_layer.values()), per_layer
 

@@ -23,12 +23,11 @@ import pytest
 pytest.importorskip("vllm")
 
 from test_latent_helpers import (  # noqa: E402
-    calibration_ids,
+    RANDOM_VOCAB,
     check_greedy_matches_reference,
     check_prompt_logprobs_match_reference,
     chunked_engine,
-    convert_to,
-    make_random_llama,
+    convert_random_case,
     random_prompts,
     reference_model,
 )
@@ -36,16 +35,13 @@ from test_latent_helpers import (  # noqa: E402
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 N_NEW = 12
-VOCAB = 256
+VOCAB = RANDOM_VOCAB
 CACHE_ROW = 512 + 64  # kv_lora_rank + qk_rope_head_dim
 
 
 @pytest.fixture(scope="module")
 def latent(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("deepseek_shaped")
-    src = make_random_llama(tmp / "src", heads=4, kv_heads=2, head_dim=128, hidden=512, layers=3, vocab=VOCAB)
-    return convert_to(src, tmp / "latent", rope_mode="shared", rope_pairs=32, svd="joint", ranks=[512, 256, 512],
-                      keep_layers=[2], calibration_ids=calibration_ids(VOCAB))
+    return convert_random_case(tmp_path_factory.mktemp("deepseek_shaped"), "deepseek_shaped")
 
 
 @pytest.fixture(scope="module")
