@@ -9,7 +9,9 @@ replicated, so every rank caches the same latent rows). The cases cover what the
   kept ``source`` layer (vLLM's Attention);
 * ``mha_full``: full RoPE, split latent, keys rebuilt per rank;
 * ``deepseek_shaped``: shared RoPE at 512 + 64 (vLLM's own ``MLAAttention``, which shards
-  ``kv_b_proj`` by query head) beside a 256 + 64 layer on our backend and a kept layer.
+  ``kv_b_proj`` by query head) beside a 256 + 64 layer on our backend and a kept layer;
+* ``gqa_partial_int4``: the first case with the INT4 latent cache (against the reference model
+  caching the same INT4 rows).
 
 Workers run on the CPU platform through vLLM's multiprocessing executor (gloo all-reduce).
 """
@@ -38,12 +40,18 @@ VOCAB = RANDOM_VOCAB
 TP = 2
 
 
-@pytest.fixture(scope="module", params=["gqa_partial", "mha_full", "deepseek_shaped"])
+INT4_GROUP = 8  # divides gqa_partial's latent widths (24, 32, 16)
+
+
+@pytest.fixture(scope="module", params=[("gqa_partial", None), ("mha_full", None), ("deepseek_shaped", None),
+                                        ("gqa_partial", INT4_GROUP)],
+                ids=["gqa_partial", "mha_full", "deepseek_shaped", "gqa_partial_int4"])
 def case(request, tmp_path_factory):
-    name = request.param
+    name, int4_group = request.param
     latent = convert_random_case(tmp_path_factory.mktemp(name), name)
-    engine = chunked_engine(latent, tensor_parallel_size=TP, distributed_executor_backend="mp")
-    yield name, reference_model(latent), engine
+    overrides = {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": int4_group} if int4_group else None
+    engine = chunked_engine(latent, tensor_parallel_size=TP, distributed_executor_backend="mp", hf_overrides=overrides)
+    yield name, reference_model(latent, int4_group), engine
     engine.close()
 
 
