@@ -20,7 +20,8 @@ the paged cache so that chunked prefill and prefix caching see exactly what deco
     k_t,g = W_uk[g] c_k,t[chunk(g)] + b_k          (full: k_t,g = RoPE_t(W_uk[g] c_k,t + b_k))
     v_t,g = W_uv[g] c_v,t[chunk(g)] + b_v
     s_h,t = q_nope,h . k_t,g(h) + RoPE(q_rope,h) . k_rope_t[slot(h)]
-    o_h   = sum_t softmax(scale s_h)_t v_t,g(h)
+    o_h   = sum_t softmax(scale s_h)_t v_t,g(h)     (one SDPA call per request, GQA, causal
+                                                     lower-right: fused kernels on a GPU)
 
 Decode ("absorb", MHA2MLA App. B / DeepSeek-V2 eq. 10 absorbed), one query token:
 
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from latentkv import format as fmt
 from latentkv.rope import rotate
@@ -251,33 +253,25 @@ class LatentAttention(nn.Module, AttentionLayerBase):
     def _attend(self, q_nope, q_rope, lat, rope_k, absorb: bool, key_scale: torch.Tensor | None = None) -> torch.Tensor:
         """One request: q [L, H_l, .] (its last L of S positions), cache rows lat [S, W], rope_k [S, R_H, R_D],
         key scales [S, G] (key-scale layers)."""
+        if not absorb:
+            return self._attend_expanded(q_nope, q_rope, lat, rope_k, key_scale)
         L, S = q_nope.shape[0], lat.shape[0]
         heads = self.kv_of_head
         scores = q_nope.new_zeros(self.H_l, L, S)
-        if self.d_n:
+        if self.d_n and not self.full:
             c_k = self._chunks(lat, self.k_slice)  # [S, G_l, r_k']
             w_uk, b_k = self._w(self.k_b_proj, self.d_n)
-            if absorb and not self.full:
-                if self.key_scale:  # NoPE gains go to the query, the key's scale to its score
-                    q_nope = q_nope * self.k_norm.weight[heads, : self.d_n].float()
-                q_lat = torch.einsum("lhd,hdr->lhr", q_nope, w_uk[heads])  # q~ = W_uk^T q_nope
-                nope = torch.einsum("lhr,shr->hls", q_lat, c_k[:, heads])
-                if self.key_scale:
-                    if b_k is not None:  # q . b_k is scaled per key: no longer a softmax shift
-                        nope = nope + torch.einsum("lhd,hd->hl", q_nope, b_k[heads])[..., None]
-                    nope = nope * key_scale[:, heads].T[:, None, :]
-                scores += nope
-            else:
-                k = torch.einsum("sgr,gdr->sgd", c_k, w_uk)  # keys rebuilt from the latent
-                if b_k is not None:
-                    k = k + b_k
-                if self.key_scale:
-                    k = self._norm(k, self.k_norm.weight[:, : self.d_n], key_scale)
-                elif self.qk_norm:  # full: the whole key is rebuilt, normed per KV head
-                    k = self._norm(k, self.k_norm.weight)
-                if self.full:
-                    k = rope(k, torch.arange(S, device=k.device), self.source_freqs)
-                scores += torch.einsum("lhd,shd->hls", q_nope, k[:, heads])
+            if self.key_scale:  # NoPE gains go to the query, the key's scale to its score
+                q_nope = q_nope * self.k_norm.weight[heads, : self.d_n].float()
+            q_lat = torch.einsum("lhd,hdr->lhr", q_nope, w_uk[heads])  # q~ = W_uk^T q_nope
+            nope = torch.einsum("lhr,shr->hls", q_lat, c_k[:, heads])
+            if self.key_scale:
+                if b_k is not None:  # q . b_k is scaled per key: no longer a softmax shift
+                    nope = nope + torch.einsum("lhd,hd->hl", q_nope, b_k[heads])[..., None]
+                nope = nope * key_scale[:, heads].T[:, None, :]
+            scores += nope
+        elif self.d_n:  # full RoPE: keys rebuilt and rotated, values still absorbed
+            scores += torch.einsum("lhd,shd->hls", q_nope, self._nope_keys(lat, key_scale)[:, heads])
         if self.R_H:
             scores += torch.einsum("lhd,shd->hls", q_rope, rope_k[:, self.slot_of_head])
         q_pos = torch.arange(S - L, S, device=lat.device)[:, None]
@@ -285,15 +279,46 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         probs = (scores * self.scale).masked_fill(~allowed, float("-inf")).softmax(-1)
         c_v = self._chunks(lat, self.v_slice)  # [S, G_l, r_v']
         w_uv, b_v = self._w(self.v_b_proj, self.d_h)
-        if absorb:
-            o_lat = torch.einsum("hls,shr->lhr", probs, c_v[:, heads])  # sum_t p_t c_t
-            o = torch.einsum("lhr,hdr->lhd", o_lat, w_uv[heads])  # W_uv after attention
-        else:
-            v = torch.einsum("sgr,gdr->sgd", c_v, w_uv)
-            o = torch.einsum("hls,shd->lhd", probs, v[:, heads])
+        o_lat = torch.einsum("hls,shr->lhr", probs, c_v[:, heads])  # sum_t p_t c_t
+        o = torch.einsum("lhr,hdr->lhd", o_lat, w_uv[heads])  # W_uv after attention
         if b_v is not None:
             o = o + b_v[heads]
         return o
+
+    def _attend_expanded(self, q_nope, q_rope, lat, rope_k, key_scale) -> torch.Tensor:
+        """Prefill: per-KV-head keys [k_nope | k_rope[slot]] and values rebuilt from the cache rows,
+        then one SDPA call (GQA, causal with the queries at the last L of S positions). On a GPU it
+        runs a fused kernel: no [H, L, S] score tensor, which at 32K contexts would not fit."""
+        L, S = q_nope.shape[0], lat.shape[0]
+        q, k = q_nope, self._nope_keys(lat, key_scale) if self.d_n else lat.new_zeros(S, self.G_l, 0)
+        if self.R_H:
+            q = torch.cat((q, q_rope), dim=-1)
+            group_slots = self.slot_of_head[:: self.H_l // self.G_l]  # one rope key head per KV group
+            k = torch.cat((k, rope_k[:, group_slots].to(k.dtype)), dim=-1)
+        w_uv, b_v = self._w(self.v_b_proj, self.d_h)
+        v = torch.einsum("sgr,gdr->sgd", self._chunks(lat, self.v_slice), w_uv)
+        if b_v is not None:
+            v = v + b_v
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+            attn_mask=causal_lower_right(L, S), scale=self.scale, enable_gqa=True,
+        )
+        return o[0].transpose(0, 1)
+
+    def _nope_keys(self, lat: torch.Tensor, key_scale: torch.Tensor | None) -> torch.Tensor:
+        """NoPE keys of this rank's KV heads rebuilt from cache rows lat [S, W]: W_uk[g] c_k,t[chunk(g)] + b_k,
+        normed (q/k-norm sources) and, for full RoPE, rotated at their positions 0..S-1 -> [S, G_l, d_n]."""
+        w_uk, b_k = self._w(self.k_b_proj, self.d_n)
+        k = torch.einsum("sgr,gdr->sgd", self._chunks(lat, self.k_slice), w_uk)
+        if b_k is not None:
+            k = k + b_k
+        if self.key_scale:
+            k = self._norm(k, self.k_norm.weight[:, : self.d_n], key_scale)
+        elif self.qk_norm:  # full: the whole key is rebuilt, normed per KV head
+            k = self._norm(k, self.k_norm.weight)
+        if self.full:
+            k = rope(k, torch.arange(lat.shape[0], device=k.device), self.source_freqs)
+        return k
 
     # -- decode on the Triton kernels ---------------------------------------------------------
     def _kernel_decode_ok(self, device: torch.device) -> bool:
