@@ -58,6 +58,30 @@ def test_full_rope_head_layouts(num_heads, num_kv_heads, key_groups):
     assert torch.all(lse[1] == float("-inf"))
 
 
+@pytest.mark.parametrize("key_groups,rank1_groups", [(4, (2, 2)), (2, (1, 1)), (1, (0, 1))])
+@pytest.mark.parametrize("int4", [False, True])
+def test_tensor_parallel_rank_equals_its_heads_of_the_whole_call(key_groups, rank1_groups, int4):
+    """8 query / 4 KV heads; rank 1 of TP = 2 holds query heads 4..7 and KV heads 2, 3 (w_uk rows
+    2, 3) and reads key groups rank1_groups of the row: its call must give those heads' output of
+    the whole call."""
+    gen = torch.Generator().manual_seed(23)
+    seq_lens = [1, 21, 70]
+    q, cache, w_uk, inv_freq, bt, lens = make_problem(seq_lens, 16, 8, 4, key_groups, torch.float32, gen)
+    kw = dict(key_groups=key_groups, num_kv_splits=2)
+    if int4:
+        cache = int4_pack_rows(cache, cache[..., :0], 16)
+        kw.update(latent_dim=key_groups * RANK + V_LEN, group_size=16)
+    decode = full_rope_decode_attention_int4 if int4 else full_rope_decode_attention
+    whole_out, whole_lse = decode(q, cache, w_uk, inv_freq, bt, lens, 0.2, **kw)
+    out, lse = decode(q[:, 4:].contiguous(), cache, w_uk[2:].contiguous(), inv_freq, bt, lens, 0.2,
+                      key_groups_used=rank1_groups, **kw)
+    check_close(out, lse, whole_out[:, 4:], whole_lse[:, 4:])
+    kw.pop("num_kv_splits")
+    ref = full_rope_decode_attention_ref(q[:, 4:], cache, w_uk[2:], inv_freq, bt, lens, 0.2,
+                                         key_groups_used=rank1_groups, **kw)
+    check_close(out, lse, *ref)
+
+
 def test_full_rope_int4_matches_reference():
     gen = torch.Generator().manual_seed(22)
     seq_lens = [1, 17, 300]

@@ -171,6 +171,38 @@ def test_int4_decode_error_vs_unquantized(group_size):
     assert lse_rms < 0.1
 
 
+@pytest.mark.parametrize("int4", [False, True])
+def test_rope_slots_read_a_tensor_parallel_ranks_slots(int4):
+    """Row with 4 rope heads (one per KV head); this call's 4 query heads are rank 1 of TP = 2
+    (KV heads 2, 3): rope_slots=(2, 2) must equal a cache whose rows hold only those two slots."""
+    gen = torch.Generator().manual_seed(12)
+    seq_lens, block_size, group_size = [1, 19, 70], 16, 16
+    row_heads, used = 4, (2, 2)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    cache, block_table = make_paged(seq_lens, block_size, LATENT_DIM + row_heads * ROPE_HEAD_DIM, torch.float32, gen)
+    lat, rope = cache[..., :LATENT_DIM], cache[..., LATENT_DIM:].unflatten(-1, (row_heads, ROPE_HEAD_DIM))
+    only_used = torch.cat((lat, rope[..., used[0] : used[0] + used[1], :].flatten(-2)), dim=-1)
+    q_latent, q_rope = make_queries(len(seq_lens), LATENT_DIM, torch.float32, gen)
+    scale = 1.0 / math.sqrt(LATENT_DIM + ROPE_HEAD_DIM)
+    if int4:
+        def packed(c):
+            return int4_pack_rows(c[..., :LATENT_DIM], c[..., LATENT_DIM:], group_size)
+        int4_kw = dict(latent_dim=LATENT_DIM, group_size=group_size)
+        out, lse = latent_decode_attention_int4(q_latent, q_rope, packed(cache), block_table, lens, scale,
+                                                rope_heads=row_heads, rope_slots=used, num_kv_splits=2, **int4_kw)
+        want_out, want_lse = latent_decode_attention_ref(q_latent, q_rope, packed(only_used), block_table, lens,
+                                                         scale, rope_heads=2, **int4_kw)
+    else:
+        out, lse = latent_decode_attention(q_latent, q_rope, cache, block_table, lens, scale, rope_heads=row_heads,
+                                           rope_slots=used, num_kv_splits=2)
+        want_out, want_lse = latent_decode_attention_ref(q_latent, q_rope, only_used, block_table, lens, scale,
+                                                         rope_heads=2)
+        ref_out, ref_lse = latent_decode_attention_ref(q_latent, q_rope, cache, block_table, lens, scale,
+                                                       rope_heads=row_heads, rope_slots=used)
+        check_close(ref_out, ref_lse, want_out, want_lse)
+    check_close(out, lse, want_out, want_lse)
+
+
 def test_decode_rejects_bad_inputs():
     q_latent = torch.zeros(2, 4, 48)
     q_rope = torch.zeros(2, 4, 8)
@@ -179,6 +211,8 @@ def test_decode_rejects_bad_inputs():
     lens = torch.ones(2, dtype=torch.int32)
     with pytest.raises(ValueError, match="rope_heads"):
         latent_decode_attention(q_latent, q_rope, cache, bt, lens, 1.0, rope_heads=3)
+    with pytest.raises(ValueError, match="rope_slots"):
+        latent_decode_attention(q_latent, q_rope, cache, bt, lens, 1.0, rope_slots=(1, 1))
     with pytest.raises(ValueError, match="k_range"):
         latent_decode_attention(q_latent, q_rope, cache, bt, lens, 1.0, k_range=(0, 32))
     with pytest.raises(ValueError, match="B = 2"):

@@ -10,10 +10,12 @@ The kernels run on CPU under the Triton interpreter, which must be switched on b
 decorated (at the first import of ``vllm_latentkv.kernels``) and would then route every other
 engine test of the process through Triton too; so the engines run in a child process started
 with ``TRITON_INTERPRET=1`` (this file is its script). In it one engine per cache dtype (fp32,
-INT4) generates the same batch twice, with ``LATENTKV_TRITON=0`` (torch decode) and ``=1``
-(Triton decode; the backend reads the variable at every step), and counts the kernel calls.
-Checks: the kernel ran only in the Triton runs, greedy tokens are identical, the per-step
-logprobs of the chosen tokens agree, and the fp32 tokens are the reference model's.
+INT4), and one fp32 engine with tensor parallelism 2 (each rank's heads read their rope slots or
+key-latent groups of the row), generate the same batch twice, with ``LATENTKV_TRITON=0`` (torch
+decode) and ``=1`` (Triton decode; the backend reads the variable at every step), and count the
+kernel calls in every worker. Checks: the kernel ran only in the Triton runs and on every rank,
+greedy tokens are identical, the per-step logprobs of the chosen tokens agree, and the fp32
+tokens (TP 1 and 2) are the reference model's.
 """
 
 from __future__ import annotations
@@ -45,40 +47,63 @@ CONVERSIONS = {"full": dict(rope_mode="full", svd="split", ranks=[32], latent_gr
                                latent_groups=2)}
 
 
-def _child(models: dict[str, str], out: str) -> None:
-    """Runs in the child process (TRITON_INTERPRET=1 set by the parent before any import)."""
-    from vllm import SamplingParams
-
-    from test_latent_helpers import Engine
+def _count_kernel_calls(model) -> None:
+    """In each worker process: wrap the decode kernels with call counters (once per process)."""
     from vllm_latentkv import kernels
 
-    calls = {k: 0 for k in KERNELS.values()}
-    for name in calls:
+    if hasattr(kernels, "calls"):
+        return
+    kernels.calls = {k: 0 for k in KERNELS.values()}
+    for name in kernels.calls:
         fn = getattr(kernels, name)
 
         def counted(*args, _fn=fn, _name=name, **kwargs):
-            calls[_name] += 1
+            kernels.calls[_name] += 1
             return _fn(*args, **kwargs)
 
         setattr(kernels, name, counted)
 
+
+def _kernel_calls(model) -> dict[str, int]:
+    from vllm_latentkv import kernels
+
+    return dict(kernels.calls)
+
+
+def _use_triton(mode: str, model) -> None:
+    os.environ["LATENTKV_TRITON"] = mode  # the backend reads it at every step, in the worker
+
+
+def _child(models: dict[str, str], out: str) -> None:
+    """Runs in the child process (TRITON_INTERPRET=1 set by the parent before any import)."""
+    import functools
+
+    from vllm import SamplingParams
+
+    from test_latent_helpers import Engine
+
     params = SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True, logprobs=0)
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
+    int4 = {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP}
+    runs = [(kind, cache, overrides, tp) for kind in models for cache, overrides, tp in
+            (("fp32", None, 1), ("int4", int4, 1), ("fp32", None, 2))]
     results = {}
-    for (kind, model), (cache, overrides) in ((m, c) for m in models.items() for c in (
-            ("fp32", None), ("int4", {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP}))):
-        engine = Engine(Path(model), hf_overrides=overrides, max_num_batched_tokens=64, enable_prefix_caching=False,
-                        skip_tokenizer_init=True)
+    for kind, cache, overrides, tp in runs:
+        tp_args = dict(tensor_parallel_size=tp, distributed_executor_backend="mp") if tp > 1 else {}
+        engine = Engine(Path(models[kind]), hf_overrides=overrides, max_num_batched_tokens=64, enable_prefix_caching=False,
+                        skip_tokenizer_init=True, **tp_args)
         try:
+            engine.llm.apply_model(_count_kernel_calls)
             for mode in ("0", "1"):
-                os.environ["LATENTKV_TRITON"] = mode
-                before = dict(calls)
+                engine.llm.apply_model(functools.partial(_use_triton, mode))
+                before = engine.llm.apply_model(_kernel_calls)
                 outs = engine.llm.generate(prompts, params, use_tqdm=False)
-                results[f"{kind}/{cache}/{mode}"] = {
+                after = engine.llm.apply_model(_kernel_calls)
+                results[f"{kind}/{cache}/tp{tp}/{mode}"] = {
                     "tokens": [list(o.outputs[0].token_ids) for o in outs],
                     "logprobs": [[step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                                  for o in outs],
-                    "calls": {k: calls[k] - before[k] for k in calls},
+                    "calls": [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)],  # per worker
                 }
         finally:
             engine.close()
@@ -109,16 +134,22 @@ def test_triton_decode_equals_torch_decode(tmp_path):
     import torch
 
     for case, kernel in KERNELS.items():
-        torch_run, triton_run = results[f"{case}/0"], results[f"{case}/1"]
-        assert sum(torch_run["calls"].values()) == 0, case
-        assert triton_run["calls"][kernel] >= N_NEW - 1, case
-        assert sum(triton_run["calls"].values()) == triton_run["calls"][kernel], case
-        assert triton_run["tokens"] == torch_run["tokens"], case
-        torch.testing.assert_close(torch.tensor(triton_run["logprobs"]), torch.tensor(torch_run["logprobs"]),
-                                   atol=1e-4, rtol=1e-4, msg=case)
+        for tp in (1, 2) if case.endswith("fp32") else (1,):
+            run = f"{case}/tp{tp}"
+            torch_run, triton_run = results[f"{run}/0"], results[f"{run}/1"]
+            assert len(triton_run["calls"]) == tp, run
+            for worker_calls, torch_calls in zip(triton_run["calls"], torch_run["calls"]):
+                assert sum(torch_calls.values()) == 0, run
+                assert worker_calls[kernel] >= N_NEW - 1, run  # every TP rank decodes on the kernel
+                assert sum(worker_calls.values()) == worker_calls[kernel], run
+            assert triton_run["tokens"] == torch_run["tokens"], run
+            torch.testing.assert_close(torch.tensor(triton_run["logprobs"]), torch.tensor(torch_run["logprobs"]),
+                                       atol=1e-4, rtol=1e-4, msg=run)
     for kind, model in models.items():
         ref = reference_model(model)
-        assert results[f"{kind}/fp32/0"]["tokens"] == [reference_greedy(ref, p, N_NEW) for p in _prompts()], kind
+        want = [reference_greedy(ref, p, N_NEW) for p in _prompts()]
+        assert results[f"{kind}/fp32/tp1/0"]["tokens"] == want, kind
+        assert results[f"{kind}/fp32/tp2/1"]["tokens"] == want, kind
 
 
 if __name__ == "__main__":

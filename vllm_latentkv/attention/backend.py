@@ -214,13 +214,15 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         scale: float,
         k_range: tuple[int, int],
         v_range: tuple[int, int],
+        rope_slots: tuple[int, int] | None = None,  # (first, count) of the row's rope heads these heads read
     ) -> torch.Tensor:
         """sum_t softmax(scale s)_t c_v,t per head: [B, H, r_v] fp32 (DeepSeek-V2 absorbed decode)."""
         from vllm_latentkv import kernels
 
         L = self.layout
         cache = self.rows(kv_cache)
-        common = dict(rope_heads=L.rope_heads, k_range=k_range, v_range=v_range, out_dtype=torch.float32,
+        common = dict(rope_heads=L.rope_heads, rope_slots=rope_slots, k_range=k_range, v_range=v_range,
+                      out_dtype=torch.float32,
                       num_kv_splits=4 if q_latent.device.type == "cpu" else 8)
         q_latent, q_rope = q_latent.float().contiguous(), q_rope.float().contiguous()
         if L.int4:
@@ -246,13 +248,14 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         meta: LatentKVMetadata,
         scale: float,
         key_groups: int,
+        key_groups_used: tuple[int, int] | None = None,  # (first, count) the KV heads of w_uk read
     ) -> torch.Tensor:
         """sum_t softmax(scale q . RoPE_t(W_uk c_k,t))_t c_v,t per head: [B, H, r_v] fp32 (row [c_k | c_v])."""
         from vllm_latentkv import kernels
 
         L = self.layout
         cache = self.rows(kv_cache)
-        common = dict(key_groups=key_groups, out_dtype=torch.float32,
+        common = dict(key_groups=key_groups, key_groups_used=key_groups_used, out_dtype=torch.float32,
                       num_kv_splits=4 if q.device.type == "cpu" else 8)
         q, w_uk = q.float().contiguous(), w_uk.float().contiguous()
         if L.int4:

@@ -144,6 +144,10 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         self.rope_freqs = torch.tensor([[freqs[i] for i in p] for p in layer.rope_pairs], dtype=torch.float64) if self.R_H else None
         self.q_rope_freqs = self.rope_freqs[self.slot_of_head] if self.R_H else None  # [H_l, R_D/2]
         self.source_freqs = torch.tensor(freqs, dtype=torch.float64)
+        # The kernels' share of the row for this rank's heads (all of it without TP): rope slots
+        # read by its query heads, latent key groups read by its KV heads; None if not contiguous.
+        self.rope_slots = _contiguous_share(self.slot_of_head) if self.R_H else None
+        self.key_groups_used = _contiguous_share(self.chunk_of_kv)
         self._inv_freq: torch.Tensor | None = None  # fp32 copy on the cache's device (full-RoPE kernel)
 
         # vLLM attention-layer plumbing: the cache spec, the backend, the static forward context.
@@ -322,14 +326,13 @@ class LatentAttention(nn.Module, AttentionLayerBase):
 
     # -- decode on the Triton kernels ---------------------------------------------------------
     def _kernel_decode_ok(self, device: torch.device) -> bool:
-        if self.tp != 1:
-            return False
         if self.full:
             # full_rope_decode_attention: keys W_uk[g] c_k rebuilt and rotated in the kernel, no key
             # bias or key norm; cache row [c_k | c_v] (split latent: the value latent follows the key's).
-            return not self.qk_norm and not self.bias and not self.layer.latent.joint and triton_usable(device)
-        # latent_decode_attention: one k range over the whole latent, rope slot h // (H / R_H) of the local head.
-        return not self.key_scale and self.d_n > 0 and self.R_H > 0 and triton_usable(device)
+            return (not self.qk_norm and not self.bias and not self.layer.latent.joint and self.key_groups_used is not None
+                    and triton_usable(device))
+        # latent_decode_attention: one k range over the whole latent, rope slots of this rank's heads.
+        return not self.key_scale and self.d_n > 0 and self.rope_slots is not None and triton_usable(device)
 
     def _kernel_decode(self, q_nope, q_rope, meta: LatentKVMetadata) -> torch.Tensor:
         if self.full:
@@ -346,6 +349,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         o_lat = self.impl.decode(
             q_lat, q_rope, self.kv_cache, meta, self.scale,
             k_range=(self.k_slice.start, lat.k_rank), v_range=(self.v_slice.start, lat.v_rank),
+            rope_slots=self.rope_slots,
         )  # [B, H, r_v]
         return self._values_from_latent(o_lat)
 
@@ -354,7 +358,8 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         w_uk, _ = self._w(self.k_b_proj, self.d_n)  # [G, d_h, r_k / n_grp]
         if self._inv_freq is None or self._inv_freq.device != q.device:
             self._inv_freq = self.source_freqs.float().to(q.device)
-        o_lat = self.impl.decode_full(q, w_uk, self._inv_freq, self.kv_cache, meta, self.scale, key_groups=self.n_grp)
+        o_lat = self.impl.decode_full(q, w_uk, self._inv_freq, self.kv_cache, meta, self.scale, key_groups=self.n_grp,
+                                      key_groups_used=self.key_groups_used)
         return self._values_from_latent(o_lat)  # [B, H_l, v_rank] (all groups)
 
     def _values_from_latent(self, o_lat: torch.Tensor) -> torch.Tensor:
@@ -367,6 +372,15 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         if b_v is not None:
             o = o + b_v[heads]
         return o
+
+
+def _contiguous_share(index_of_head: list[int]) -> tuple[int, int] | None:
+    """(first, count) if head i reads index first + i // (heads / count), the form the kernels take."""
+    first, count = index_of_head[0], len(set(index_of_head))
+    heads = len(index_of_head)
+    if heads % count or index_of_head != [first + i // (heads // count) for i in range(heads)]:
+        return None
+    return first, count
 
 
 class _Gains(nn.Module):

@@ -9,7 +9,9 @@ Symbols
     B, H, G, D_H   sequences, query heads, KV heads, head dim (even); query head h -> KV head h // (H/G)
     G_L, r         key-latent groups (Palu's grouped-head low rank; G_L = 1: one joint key
                    latent, G_L = G: per-head) and their width r = K_LEN / G_L;
-                   KV head g reads group g // (G / G_L)
+                   KV head g reads group g // (G / G_L). With key_groups_used = (first, n) the
+                   call's KV heads read groups first .. first + n - 1 only, head g group
+                   first + g // (G / n): a tensor-parallel rank's KV heads read their groups
     K_LEN, V_LEN   key- and value-latent widths; cache row = [c_k (K_LEN) | c_v (V_LEN)]
     W_uk           [G, D_H, r]; inv_freq [D_H / 2]; HF half-split rotary layout: dims i and
                    i + D_H/2 form pair i, angle(t, i) = t * inv_freq[i] (t = token index = position)
@@ -92,7 +94,8 @@ def _full_rope_decode_stage1_kernel(
     stride_pl_h,
     HEADS_PER_KV: tl.constexpr,  # H // G
     HEAD_BLOCKS_PER_KV: tl.constexpr,  # cdiv(H // G, BLOCK_H)
-    KV_PER_KEY_GROUP: tl.constexpr,  # G // G_L
+    KV_PER_KEY_GROUP: tl.constexpr,  # G // (key groups used)
+    FIRST_KEY_GROUP: tl.constexpr,  # first key group used (0 unless a TP rank's share)
     GROUP_RANK: tl.constexpr,  # r = K_LEN // G_L
     V_START: tl.constexpr,  # = K_LEN
     V_LEN: tl.constexpr,
@@ -125,7 +128,7 @@ def _full_rope_decode_stage1_kernel(
     mask_d = offs_d < HALF_DIM
     offs_v = tl.arange(0, BLOCK_V)
     mask_v = offs_v < V_LEN
-    key_cols = (kv_head // KV_PER_KEY_GROUP) * GROUP_RANK + offs_r  # this head's key-latent group
+    key_cols = (FIRST_KEY_GROUP + kv_head // KV_PER_KEY_GROUP) * GROUP_RANK + offs_r  # this head's key-latent group
 
     # W_uk[g] split into the two rotary halves, as [r, D_H/2] for tile @ W^T
     w_base = w_uk_ptr + kv_head * stride_w_g + offs_r[:, None] + offs_d[None, :] * stride_w_d
@@ -172,8 +175,10 @@ def _full_rope_decode_stage1_kernel(
     )
 
 
-def _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups) -> int:
-    """Shapes of a full-RoPE decode; returns K_LEN (the key-latent part of a cache row)."""
+def _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups,
+                            key_groups_used) -> tuple[int, int, int]:
+    """Shapes of a full-RoPE decode; returns K_LEN (the key-latent part of a cache row) and the
+    (first, count) key groups the call's KV heads read."""
     check_tensor("q", q, 3, FLOAT_DTYPES)
     check_tensor("w_uk", w_uk, 3, FLOAT_DTYPES)
     check_tensor("inv_freq", inv_freq, 1, FLOAT_DTYPES)
@@ -186,18 +191,22 @@ def _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim
         raise ValueError(f"inv_freq must have D_H/2 = {head_dim // 2} entries, got {inv_freq.shape[0]}")
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of w_uk's KV heads ({num_kv_heads})")
-    if key_groups < 1 or num_kv_heads % key_groups:
-        raise ValueError(f"key_groups ({key_groups}) must divide the KV heads ({num_kv_heads})")
+    first, count = (0, key_groups) if key_groups_used is None else key_groups_used
+    if key_groups < 1 or first < 0 or count < 1 or first + count > key_groups:
+        raise ValueError(f"key_groups_used={(first, count)} must lie inside the row's {key_groups} key groups")
+    if num_kv_heads % count:
+        raise ValueError(f"key_groups ({count} used) must divide the KV heads ({num_kv_heads})")
     if latent_dim - key_groups * rank <= 0:
         raise ValueError(f"latent row ({latent_dim}) leaves no value latent after K_LEN = {key_groups} x {rank}")
-    return key_groups * rank
+    return key_groups * rank, first, count
 
 
 def _launch_full_rope(
     q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, latent_dim, key_groups,
-    int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype, latent_dtype,
+    key_groups_used, int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype, latent_dtype,
 ):
-    k_len = _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups)
+    k_len, first_group, groups_used = _check_full_rope_inputs(
+        q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups, key_groups_used)
     check_blocks(num_kv_splits, block_n, block_h)
     dev = check_device(_full_rope_decode_stage1_kernel, q, cache, w_uk, inv_freq, block_table, seq_lens)
     bsz, num_heads, head_dim = q.shape
@@ -230,7 +239,8 @@ def _launch_full_rope(
         device=dev,
         HEADS_PER_KV=heads_per_kv,
         HEAD_BLOCKS_PER_KV=head_blocks,
-        KV_PER_KEY_GROUP=num_kv_heads // key_groups,
+        KV_PER_KEY_GROUP=num_kv_heads // groups_used,
+        FIRST_KEY_GROUP=first_group,
         GROUP_RANK=rank,
         V_START=k_len,
         V_LEN=v_len,
@@ -257,7 +267,8 @@ def full_rope_decode_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     *,
-    key_groups: int = 1,  # G_L
+    key_groups: int = 1,  # G_L of the cache row
+    key_groups_used: tuple[int, int] | None = None,  # (first, count) the KV heads of w_uk read; None = all
     num_kv_splits: int = 8,
     block_n: int = 32,
     block_h: int | None = None,
@@ -268,7 +279,7 @@ def full_rope_decode_attention(
     check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
     return _launch_full_rope(
         q, kv_cache, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale,
-        latent_dim=kv_cache.shape[2], key_groups=key_groups, int4=False, group_size=1, scale_off=0,
+        latent_dim=kv_cache.shape[2], key_groups=key_groups, key_groups_used=key_groups_used, int4=False, group_size=1, scale_off=0,
         num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
         out_dtype=out_dtype or q.dtype, latent_dtype=kv_cache.dtype,
     )
@@ -286,6 +297,7 @@ def full_rope_decode_attention_int4(
     latent_dim: int,  # K_LEN + V_LEN
     group_size: int,
     key_groups: int = 1,
+    key_groups_used: tuple[int, int] | None = None,
     num_kv_splits: int = 8,
     block_n: int = 32,
     block_h: int | None = None,
@@ -297,7 +309,7 @@ def full_rope_decode_attention_int4(
     scale_off, _ = int4_row_offsets(latent_dim, group_size)
     return _launch_full_rope(
         q, kv_cache, kv_cache.view(torch.float16), w_uk, inv_freq, block_table, seq_lens, scale,
-        latent_dim=latent_dim, key_groups=key_groups, int4=True, group_size=group_size,
+        latent_dim=latent_dim, key_groups=key_groups, key_groups_used=key_groups_used, int4=True, group_size=group_size,
         scale_off=scale_off, num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
         out_dtype=out_dtype or q.dtype, latent_dtype=q.dtype,
     )
@@ -317,8 +329,8 @@ def rotate_half_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
 
 
 def full_rope_decode_attention_ref(
-    q, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, key_groups=1, latent_dim=None,
-    group_size=None,
+    q, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, key_groups=1, key_groups_used=None,
+    latent_dim=None, group_size=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch reference: rebuild every key, rotate, GQA attention over value latents.
     For an INT4 (uint8) cache pass latent_dim and group_size."""
@@ -332,7 +344,8 @@ def full_rope_decode_attention_ref(
     k_len = key_groups * rank
     v_len = lat_all.shape[-1] - k_len
     kv_of_head = torch.arange(num_heads) // (num_heads // num_kv_heads)
-    group_of_kv = torch.arange(num_kv_heads) // (num_kv_heads // key_groups)
+    first, count = (0, key_groups) if key_groups_used is None else key_groups_used
+    group_of_kv = first + torch.arange(num_kv_heads) // (num_kv_heads // count)
     out = torch.zeros(bsz, num_heads, v_len)
     lse = torch.full((bsz, num_heads), float("-inf"))
     for b in range(bsz):

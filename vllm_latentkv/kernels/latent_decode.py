@@ -5,7 +5,9 @@ Symbols
     W           latent width; the key part is latent[K_START : K_START + K_LEN], the value part
                 latent[V_START : V_START + V_LEN] (joint latent: both the whole latent)
     R_H, R_D    rope-key heads and their width; query head h uses rope slot h // (H // R_H)
-                (R_H = 1: DeepSeek's shared rope head; R_H = KV heads: MHA2MLA)
+                (R_H = 1: DeepSeek's shared rope head; R_H = KV heads: MHA2MLA). With
+                rope_slots = (first, n) the heads use slots first .. first + n - 1 only, head h
+                slot first + h // (H // n): a tensor-parallel rank's heads read its KV heads' slots
     P           page size; slot(b, t) = block_table[b, t // P] * P + t % P
     S           NUM_KV_SPLITS
 Inputs  q_latent [B, H, K_LEN] (= q_nope @ W_uk^T), q_rope [B, H, R_D] (rotated)
@@ -180,20 +182,25 @@ def _resolve_ranges(k_range, v_range, latent_dim, k_len):
     return k_range, v_range
 
 
-def _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads):
+def _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads, rope_slots) -> tuple[int, int]:
+    """Shapes of an absorbed decode; returns the (first, count) rope slots the query heads use."""
     check_tensor("q_latent", q_latent, 3, FLOAT_DTYPES)
     check_tensor("q_rope", q_rope, 3, FLOAT_DTYPES)
     b, h, _ = q_latent.shape
     if q_rope.shape[:2] != (b, h):
         raise ValueError(f"q_rope {tuple(q_rope.shape)} must be [B, H, R_D] with B, H = {b}, {h}")
     check_paged(block_table, seq_lens, b)
-    if rope_heads < 1 or h % rope_heads:
-        raise ValueError(f"rope_heads ({rope_heads}) must divide the number of query heads ({h})")
+    first, count = (0, rope_heads) if rope_slots is None else rope_slots
+    if rope_heads < 1 or first < 0 or count < 1 or first + count > rope_heads:
+        raise ValueError(f"rope_slots={(first, count)} must lie inside the row's {rope_heads} rope heads")
+    if h % count:
+        raise ValueError(f"rope_heads / rope_slots: the {count} rope slots used must divide the query heads ({h})")
+    return first, count
 
 
 def _launch_decode(
     q_latent, q_rope, cache, rope_cache, block_table, seq_lens, scale, *, latent_dim, k_range, v_range,
-    rope_heads, rope_off, int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype,
+    rope_heads_used, rope_off, int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype,
     latent_dtype,
 ):
     bsz, num_heads, k_len = q_latent.shape
@@ -227,13 +234,13 @@ def _launch_decode(
         out_dtype=out_dtype,
         device=dev,
         NUM_HEADS=num_heads,
-        HEADS_PER_ROPE=num_heads // rope_heads,
+        HEADS_PER_ROPE=num_heads // rope_heads_used,  # the first slot used is folded into rope_off
         K_START=k_start,
         K_LEN=k_len,
         V_START=v_start,
         V_LEN=v_len,
         ROPE_HEAD_DIM=rope_head_dim,
-        ROPE_DIM=rope_heads * rope_head_dim,
+        ROPE_DIM=rope_heads_used * rope_head_dim,
         ROPE_OFF=rope_off,
         PAGE_SIZE=cache.shape[1],
         INT4=int4,
@@ -244,7 +251,7 @@ def _launch_decode(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         BLOCK_V=block_k if shared_kv else pow2_at_least(v_len),
-        BLOCK_R=pow2_at_least(rope_heads * rope_head_dim),
+        BLOCK_R=pow2_at_least(rope_heads_used * rope_head_dim),
         DOT_DTYPE=dot_dtype(_latent_decode_stage1_kernel, q_latent.dtype, latent_dtype),
     )
 
@@ -257,7 +264,8 @@ def latent_decode_attention(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     *,
-    rope_heads: int = 1,
+    rope_heads: int = 1,  # R_H of the cache row
+    rope_slots: tuple[int, int] | None = None,  # (first, count) of the row's slots the heads use; None = all
     k_range: tuple[int, int] | None = None,  # (start, length) in the latent; None = whole latent
     v_range: tuple[int, int] | None = None,
     num_kv_splits: int = 8,
@@ -270,7 +278,7 @@ def latent_decode_attention(
     Returns (out [B, H, V_LEN] in out_dtype (default q_latent.dtype), lse [B, H] fp32, natural
     log of the sum of exp(scaled scores); -inf for an empty sequence, whose out is 0).
     """
-    _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads)
+    first, count = _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads, rope_slots)
     check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
     rope_dim = rope_heads * q_rope.shape[2]
     latent_dim = kv_cache.shape[2] - rope_dim
@@ -278,8 +286,8 @@ def latent_decode_attention(
         raise ValueError(f"kv_cache row ({kv_cache.shape[2]}) leaves no latent after {rope_dim} rope dims")
     return _launch_decode(
         q_latent, q_rope, kv_cache, kv_cache, block_table, seq_lens, scale,
-        latent_dim=latent_dim, k_range=k_range, v_range=v_range, rope_heads=rope_heads,
-        rope_off=latent_dim, int4=False, group_size=1, scale_off=0, num_kv_splits=num_kv_splits,
+        latent_dim=latent_dim, k_range=k_range, v_range=v_range, rope_heads_used=count,
+        rope_off=latent_dim + first * q_rope.shape[2], int4=False, group_size=1, scale_off=0, num_kv_splits=num_kv_splits,
         block_n=block_n, block_h=block_h, out_dtype=out_dtype or q_latent.dtype,
         latent_dtype=kv_cache.dtype,
     )
@@ -296,6 +304,7 @@ def latent_decode_attention_int4(
     latent_dim: int,
     group_size: int,
     rope_heads: int = 1,
+    rope_slots: tuple[int, int] | None = None,
     k_range: tuple[int, int] | None = None,
     v_range: tuple[int, int] | None = None,
     num_kv_splits: int = 8,
@@ -305,13 +314,13 @@ def latent_decode_attention_int4(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """latent_decode_attention over the INT4 cache (written by latent_cache_write_int4); the
     latent is dequantized inside the kernel. Same returns."""
-    _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads)
+    first, count = _check_decode_inputs(q_latent, q_rope, block_table, seq_lens, rope_heads, rope_slots)
     check_int4_cache(kv_cache, latent_dim, rope_heads * q_rope.shape[2], group_size)
     scale_off, rope_off = int4_row_offsets(latent_dim, group_size)
     return _launch_decode(
         q_latent, q_rope, kv_cache, kv_cache.view(torch.float16), block_table, seq_lens, scale,
-        latent_dim=latent_dim, k_range=k_range, v_range=v_range, rope_heads=rope_heads,
-        rope_off=rope_off, int4=True, group_size=group_size, scale_off=scale_off,
+        latent_dim=latent_dim, k_range=k_range, v_range=v_range, rope_heads_used=count,
+        rope_off=rope_off + first * q_rope.shape[2], int4=True, group_size=group_size, scale_off=scale_off,
         num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
         out_dtype=out_dtype or q_latent.dtype,
         latent_dtype=q_latent.dtype,  # dequantized values are cast to the query's dtype for tl.dot
@@ -322,7 +331,7 @@ def latent_decode_attention_int4(
 
 
 def latent_decode_attention_ref(
-    q_latent, q_rope, kv_cache, block_table, seq_lens, scale, *, rope_heads=1, k_range=None,
+    q_latent, q_rope, kv_cache, block_table, seq_lens, scale, *, rope_heads=1, rope_slots=None, k_range=None,
     v_range=None, latent_dim=None, group_size=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch reference (fp32, one sequence at a time, tokens gathered by slot).
@@ -340,7 +349,8 @@ def latent_decode_attention_ref(
         latent_dim = kv_cache.shape[2] - rope_dim
         lat_all, rope_all = kv_cache[..., :latent_dim], kv_cache[..., latent_dim:]
     (ks, kl), (vs, vl) = _resolve_ranges(k_range, v_range, latent_dim, k_len)
-    slot_of_head = torch.arange(num_heads) // (num_heads // rope_heads)
+    first, count = (0, rope_heads) if rope_slots is None else rope_slots
+    slot_of_head = first + torch.arange(num_heads) // (num_heads // count)
     out = torch.zeros(bsz, num_heads, vl, dtype=torch.float32)
     lse = torch.full((bsz, num_heads), float("-inf"))
     for b in range(bsz):
