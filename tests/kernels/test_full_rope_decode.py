@@ -82,6 +82,38 @@ def test_tensor_parallel_rank_equals_its_heads_of_the_whole_call(key_groups, ran
     check_close(out, lse, *ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("int4", [False, True])
+@pytest.mark.parametrize("key_groups", [1, 2])
+def test_joint_latent_with_key_bias_and_key_norm(dtype, int4, key_groups):
+    """One joint latent read as keys and values (v_range = the whole row); Qwen2's key bias and
+    Qwen3's per-KV-head key RMSNorm applied to the rebuilt key before RoPE."""
+    gen = torch.Generator().manual_seed(24)
+    seq_lens = [1, 33, 90]
+    width = 2 * RANK  # key_groups x GROUP_RANK = width
+    cache, bt = make_paged(seq_lens, 16, width, torch.float32, gen)
+    w_uk = torch.randn(2, HEAD_DIM, width // key_groups, generator=gen) / math.sqrt(width // key_groups)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    q = torch.randn(len(seq_lens), 4, HEAD_DIM, generator=gen)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    kw = dict(key_groups=key_groups, v_range=(0, width), b_k=torch.randn(2, HEAD_DIM, generator=gen),
+              k_gain=1.0 + 0.3 * torch.randn(2, HEAD_DIM, generator=gen), norm_eps=1e-6)
+    if int4:
+        cache = int4_pack_rows(cache, cache[..., :0], 16)
+        kw.update(latent_dim=width, group_size=16)
+    decode = full_rope_decode_attention_int4 if int4 else full_rope_decode_attention
+    q, w_uk = q.to(dtype), w_uk.to(dtype)
+    if not int4:
+        cache = cache.to(dtype)
+    out, lse = decode(q, cache, w_uk, inv_freq, bt, lens, 0.25, num_kv_splits=2, **kw)
+    assert out.shape == (3, 4, width)
+    check_close(out, lse, *full_rope_decode_attention_ref(q, cache, w_uk, inv_freq, bt, lens, 0.25, **kw))
+    # the norm matters: without it the same call gives other scores
+    plain, _ = full_rope_decode_attention_ref(q, cache, w_uk, inv_freq, bt, lens, 0.25,
+                                              **{**kw, "k_gain": None, "b_k": None})
+    assert (plain - out.float()).abs().max() > 1e-2
+
+
 def test_full_rope_int4_matches_reference():
     gen = torch.Generator().manual_seed(22)
     seq_lens = [1, 17, 300]
@@ -128,3 +160,14 @@ def test_cos_sin_range_reduction_long_positions():
     _cos_sin_kernel[(1,)](angle, c, s, N=16)
     torch.testing.assert_close(c, angle.double().cos().float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(s, angle.double().sin().float(), atol=1e-5, rtol=0)
+
+
+def test_full_rope_rejects_bad_inputs():
+    gen = torch.Generator().manual_seed(25)
+    q, cache, w_uk, inv_freq, bt, lens = make_problem([3], 16, 4, 2, 1, torch.float32, gen)
+    with pytest.raises(ValueError, match="v_range"):
+        full_rope_decode_attention(q, cache, w_uk, inv_freq, bt, lens, 0.2, v_range=(8, cache.shape[-1]))
+    with pytest.raises(ValueError, match="b_k must be"):
+        full_rope_decode_attention(q, cache, w_uk, inv_freq, bt, lens, 0.2, b_k=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="key_groups_used"):
+        full_rope_decode_attention(q, cache, w_uk, inv_freq, bt, lens, 0.2, key_groups_used=(1, 1))

@@ -1,10 +1,12 @@
 """Decode on the Triton kernels == the torch path, in the engine.
 
-Subjects: a random one-layer GQA Llama (4 query / 2 KV heads, head_dim 16) converted twice:
-* full RoPE, split latent (32 = 16 key + 16 value) in two Palu groups: decode rebuilds and rotates
-  the keys per KV head from its group's key latent (``full_rope_decode_attention[_int4]``);
-* partial RoPE (2 pairs per KV head), joint latent of 32 in two Palu groups: absorbed decode
-  (``latent_decode_attention[_int4]``).
+Subjects: random one-layer GQA models (4 query / 2 KV heads, head_dim 16):
+* Llama, full RoPE, split latent (32 = 16 key + 16 value) in two Palu groups: decode rebuilds and
+  rotates the keys per KV head from its group's key latent (``full_rope_decode_attention[_int4]``);
+* Llama, partial RoPE (2 pairs per KV head), joint latent of 32 in two Palu groups: absorbed
+  decode (``latent_decode_attention[_int4]``);
+* Qwen2 (key bias) and Qwen3 (per-KV-head key RMSNorm), full RoPE with the default joint latent:
+  the bias and the norm are applied to the rebuilt keys inside the full-RoPE kernel.
 
 The kernels run on CPU under the Triton interpreter, which must be switched on before they are
 decorated (at the first import of ``vllm_latentkv.kernels``) and would then route every other
@@ -40,11 +42,23 @@ def _prompts(vocab: int = 256) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPTS.values()]
 
 
-KERNELS = {"full/fp32": "full_rope_decode_attention", "full/int4": "full_rope_decode_attention_int4",
-           "partial/fp32": "latent_decode_attention", "partial/int4": "latent_decode_attention_int4"}
-CONVERSIONS = {"full": dict(rope_mode="full", svd="split", ranks=[32], latent_groups=2),
-               "partial": dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[32],
-                               latent_groups=2)}
+# kind: (source family, conversion, runs as (cache, TP size))
+MODELS = {
+    "full": ("llama", dict(rope_mode="full", svd="split", ranks=[32], latent_groups=2),
+             (("fp32", 1), ("int4", 1), ("fp32", 2))),
+    "partial": ("llama", dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[32],
+                              latent_groups=2), (("fp32", 1), ("int4", 1), ("fp32", 2))),
+    # the default joint latent, with the key bias (Qwen2) or the per-KV-head key norm (Qwen3) in the kernel
+    "full_joint_qwen2": ("qwen2", dict(rope_mode="full", svd="joint", ranks=[32], latent_groups=2), (("fp32", 1),)),
+    "full_joint_qwen3": ("qwen3", dict(rope_mode="full", svd="joint", ranks=[32]), (("fp32", 1),)),
+}
+KERNELS = ("full_rope_decode_attention", "full_rope_decode_attention_int4", "latent_decode_attention",
+           "latent_decode_attention_int4")
+
+
+def _kernel(kind: str, cache: str) -> str:
+    return ("full_rope_decode_attention" if kind.startswith("full") else "latent_decode_attention") + (
+        "_int4" if cache == "int4" else "")
 
 
 def _count_kernel_calls(model) -> None:
@@ -53,7 +67,7 @@ def _count_kernel_calls(model) -> None:
 
     if hasattr(kernels, "calls"):
         return
-    kernels.calls = {k: 0 for k in KERNELS.values()}
+    kernels.calls = {k: 0 for k in KERNELS}
     for name in kernels.calls:
         fn = getattr(kernels, name)
 
@@ -85,10 +99,9 @@ def _child(models: dict[str, str], out: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=N_NEW, ignore_eos=True, logprobs=0)
     prompts = [{"prompt_token_ids": p} for p in _prompts()]
     int4 = {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP}
-    runs = [(kind, cache, overrides, tp) for kind in models for cache, overrides, tp in
-            (("fp32", None, 1), ("int4", int4, 1), ("fp32", None, 2))]
     results = {}
-    for kind, cache, overrides, tp in runs:
+    for kind, cache, tp in ((kind, cache, tp) for kind in models for cache, tp in MODELS[kind][2]):
+        overrides = int4 if cache == "int4" else None
         tp_args = dict(tensor_parallel_size=tp, distributed_executor_backend="mp") if tp > 1 else {}
         engine = Engine(Path(models[kind]), hf_overrides=overrides, max_num_batched_tokens=64, enable_prefix_caching=False,
                         skip_tokenizer_init=True, **tp_args)
@@ -117,11 +130,15 @@ def test_triton_decode_equals_torch_decode(tmp_path):
     pytest.importorskip("triton")
     from test_latent_helpers import convert_to, latent_spec, make_random_llama, reference_greedy, reference_model
 
-    src = make_random_llama(tmp_path / "src", "llama", heads=4, kv_heads=2, head_dim=16, layers=1)
-    models = {kind: convert_to(src, tmp_path / kind, **opts) for kind, opts in CONVERSIONS.items()}
-    full, partial = (latent_spec(models[k])[0].layers[0] for k in ("full", "partial"))
+    sources = {family: make_random_llama(tmp_path / f"src_{family}", family, heads=4, kv_heads=2, head_dim=16, layers=1)
+               for family in {family for family, _, _ in MODELS.values()}}
+    models = {kind: convert_to(sources[family], tmp_path / kind, **opts) for kind, (family, opts, _) in MODELS.items()}
+    specs = {kind: latent_spec(path)[0] for kind, path in models.items()}
+    full, partial = specs["full"].layers[0], specs["partial"].layers[0]
     assert full.rope_mode == "full" and not full.latent.joint and full.latent.groups == 2
     assert partial.rope_mode == "partial" and partial.qk_nope_head_dim == 12 and partial.latent.groups == 2
+    assert specs["full_joint_qwen2"].attention_bias and specs["full_joint_qwen2"].layers[0].latent.joint
+    assert specs["full_joint_qwen3"].qk_norm and specs["full_joint_qwen3"].layers[0].latent.joint
 
     out = tmp_path / "results.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "LATENTKV_CPU_PLATFORM": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
@@ -133,23 +150,23 @@ def test_triton_decode_equals_torch_decode(tmp_path):
 
     import torch
 
-    for case, kernel in KERNELS.items():
-        for tp in (1, 2) if case.endswith("fp32") else (1,):
-            run = f"{case}/tp{tp}"
-            torch_run, triton_run = results[f"{run}/0"], results[f"{run}/1"]
-            assert len(triton_run["calls"]) == tp, run
-            for worker_calls, torch_calls in zip(triton_run["calls"], torch_run["calls"]):
-                assert sum(torch_calls.values()) == 0, run
-                assert worker_calls[kernel] >= N_NEW - 1, run  # every TP rank decodes on the kernel
-                assert sum(worker_calls.values()) == worker_calls[kernel], run
-            assert triton_run["tokens"] == torch_run["tokens"], run
-            torch.testing.assert_close(torch.tensor(triton_run["logprobs"]), torch.tensor(torch_run["logprobs"]),
-                                       atol=1e-4, rtol=1e-4, msg=run)
+    for kind, cache, tp in ((kind, cache, tp) for kind in models for cache, tp in MODELS[kind][2]):
+        run, kernel = f"{kind}/{cache}/tp{tp}", _kernel(kind, cache)
+        torch_run, triton_run = results[f"{run}/0"], results[f"{run}/1"]
+        assert len(triton_run["calls"]) == tp, run
+        for worker_calls, torch_calls in zip(triton_run["calls"], torch_run["calls"]):
+            assert sum(torch_calls.values()) == 0, run
+            assert worker_calls[kernel] >= N_NEW - 1, run  # every TP rank decodes on the kernel
+            assert sum(worker_calls.values()) == worker_calls[kernel], run
+        assert triton_run["tokens"] == torch_run["tokens"], run
+        torch.testing.assert_close(torch.tensor(triton_run["logprobs"]), torch.tensor(torch_run["logprobs"]),
+                                   atol=1e-4, rtol=1e-4, msg=run)
     for kind, model in models.items():
         ref = reference_model(model)
         want = [reference_greedy(ref, p, N_NEW) for p in _prompts()]
-        assert results[f"{kind}/fp32/tp1/0"]["tokens"] == want, kind
-        assert results[f"{kind}/fp32/tp2/1"]["tokens"] == want, kind
+        for cache, tp in MODELS[kind][2]:
+            if cache == "fp32":
+                assert results[f"{kind}/fp32/tp{tp}/1"]["tokens"] == want, (kind, tp)
 
 
 if __name__ == "__main__":

@@ -249,13 +249,18 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         scale: float,
         key_groups: int,
         key_groups_used: tuple[int, int] | None = None,  # (first, count) the KV heads of w_uk read
+        v_range: tuple[int, int] | None = None,  # the value latent in the row; None: after the key latent
+        b_k: torch.Tensor | None = None,  # [G, d_h] key bias
+        k_gain: torch.Tensor | None = None,  # [G, d_h] key RMSNorm gain
+        norm_eps: float = 1e-6,
     ) -> torch.Tensor:
-        """sum_t softmax(scale q . RoPE_t(W_uk c_k,t))_t c_v,t per head: [B, H, r_v] fp32 (row [c_k | c_v])."""
+        """sum_t softmax(scale q . RoPE_t(norm(W_uk c_k,t + b_k)))_t c_v,t per head: [B, H, r_v] fp32."""
         from vllm_latentkv import kernels
 
         L = self.layout
         cache = self.rows(kv_cache)
-        common = dict(key_groups=key_groups, key_groups_used=key_groups_used, out_dtype=torch.float32,
+        common = dict(key_groups=key_groups, key_groups_used=key_groups_used, v_range=v_range, b_k=b_k,
+                      k_gain=k_gain, norm_eps=norm_eps, out_dtype=torch.float32,
                       num_kv_splits=4 if q.device.type == "cpu" else 8)
         q, w_uk = q.float().contiguous(), w_uk.float().contiguous()
         if L.int4:

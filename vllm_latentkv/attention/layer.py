@@ -327,10 +327,8 @@ class LatentAttention(nn.Module, AttentionLayerBase):
     # -- decode on the Triton kernels ---------------------------------------------------------
     def _kernel_decode_ok(self, device: torch.device) -> bool:
         if self.full:
-            # full_rope_decode_attention: keys W_uk[g] c_k rebuilt and rotated in the kernel, no key
-            # bias or key norm; cache row [c_k | c_v] (split latent: the value latent follows the key's).
-            return (not self.qk_norm and not self.bias and not self.layer.latent.joint and self.key_groups_used is not None
-                    and triton_usable(device))
+            # full_rope_decode_attention: keys W_uk[g] c_k (+ b_k, normed) rebuilt and rotated in the kernel.
+            return self.key_groups_used is not None and triton_usable(device)
         # latent_decode_attention: one k range over the whole latent, rope slots of this rank's heads.
         return not self.key_scale and self.d_n > 0 and self.rope_slots is not None and triton_usable(device)
 
@@ -355,11 +353,15 @@ class LatentAttention(nn.Module, AttentionLayerBase):
 
     def _kernel_decode_full(self, q, meta: LatentKVMetadata) -> torch.Tensor:
         """Full RoPE: q [B, H_l, d_h] rotated -> o [B, H_l, d_h] (Palu-style online key rebuild)."""
-        w_uk, _ = self._w(self.k_b_proj, self.d_n)  # [G, d_h, r_k / n_grp]
+        w_uk, b_k = self._w(self.k_b_proj, self.d_n)  # [G_l, d_h, r_k / n_grp], [G_l, d_h]
         if self._inv_freq is None or self._inv_freq.device != q.device:
             self._inv_freq = self.source_freqs.float().to(q.device)
-        o_lat = self.impl.decode_full(q, w_uk, self._inv_freq, self.kv_cache, meta, self.scale, key_groups=self.n_grp,
-                                      key_groups_used=self.key_groups_used)
+        lat = self.layer.latent
+        o_lat = self.impl.decode_full(
+            q, w_uk, self._inv_freq, self.kv_cache, meta, self.scale, key_groups=self.n_grp,
+            key_groups_used=self.key_groups_used, v_range=(self.v_slice.start, lat.v_rank), b_k=b_k,
+            k_gain=self.k_norm.weight if self.qk_norm else None, norm_eps=self.eps,
+        )
         return self._values_from_latent(o_lat)  # [B, H_l, v_rank] (all groups)
 
     def _values_from_latent(self, o_lat: torch.Tensor) -> torch.Tensor:

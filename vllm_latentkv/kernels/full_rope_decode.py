@@ -12,11 +12,14 @@ Symbols
                    KV head g reads group g // (G / G_L). With key_groups_used = (first, n) the
                    call's KV heads read groups first .. first + n - 1 only, head g group
                    first + g // (G / n): a tensor-parallel rank's KV heads read their groups
-    K_LEN, V_LEN   key- and value-latent widths; cache row = [c_k (K_LEN) | c_v (V_LEN)]
+    K_LEN, V_LEN   key- and value-latent widths; cache row = [c_k (K_LEN) | c_v (V_LEN)] (split
+                   latent), or one joint latent read as both (v_range = (0, K_LEN))
     W_uk           [G, D_H, r]; inv_freq [D_H / 2]; HF half-split rotary layout: dims i and
                    i + D_H/2 form pair i, angle(t, i) = t * inv_freq[i] (t = token index = position)
 
-    k[t,g]   = RoPE_t(W_uk[g] @ c_k[t, group(g)])                 (Palu eq. 4, LoRC eq. 3)
+    k[t,g]   = RoPE_t(norm_g(W_uk[g] @ c_k[t, group(g)] + b_k[g]))  (Palu eq. 4, LoRC eq. 3; the key
+               bias b_k of Qwen2-style sources and the per-KV-head RMSNorm norm_g(x) =
+               gain_g * x / rms(x) of q/k-norm sources (Qwen3) are optional)
     s[b,h,t] = scale * q[b,h] . k[t, g(h)]                          (q already rotated)
     out[b,h] = sum_t softmax_t(s[b,h,:]) c_v[t];  lse[b,h] = log sum_t exp(s[b,h,t])
 
@@ -72,6 +75,8 @@ def _full_rope_decode_stage1_kernel(
     cache_ptr,  # latent rows (plain: the cache; INT4: uint8 bytes)
     scale_cache_ptr,  # INT4: fp16 view of the cache (scales); plain: the cache (unused)
     w_uk_ptr,
+    b_k_ptr,  # [G, D_H] key bias (read if HAS_KEY_BIAS)
+    k_gain_ptr,  # [G, D_H] key RMSNorm gain (read if KEY_NORM)
     inv_freq_ptr,
     block_table_ptr,
     seq_lens_ptr,
@@ -86,6 +91,9 @@ def _full_rope_decode_stage1_kernel(
     stride_sc_tok,
     stride_w_g,
     stride_w_d,
+    stride_bk_g,
+    stride_kg_g,
+    norm_eps,
     stride_bt_b,
     stride_pa_b,
     stride_pa_h,
@@ -97,8 +105,10 @@ def _full_rope_decode_stage1_kernel(
     KV_PER_KEY_GROUP: tl.constexpr,  # G // (key groups used)
     FIRST_KEY_GROUP: tl.constexpr,  # first key group used (0 unless a TP rank's share)
     GROUP_RANK: tl.constexpr,  # r = K_LEN // G_L
-    V_START: tl.constexpr,  # = K_LEN
+    V_START: tl.constexpr,  # K_LEN (split latent) or 0 (joint)
     V_LEN: tl.constexpr,
+    HAS_KEY_BIAS: tl.constexpr,
+    KEY_NORM: tl.constexpr,
     HALF_DIM: tl.constexpr,  # D_H // 2
     PAGE_SIZE: tl.constexpr,
     INT4: tl.constexpr,
@@ -140,6 +150,12 @@ def _full_rope_decode_stage1_kernel(
     q1 = tl.load(q_base, mask=q_mask, other=0.0).to(DOT_DTYPE)  # [BLOCK_H, BLOCK_HD]
     q2 = tl.load(q_base + HALF_DIM, mask=q_mask, other=0.0).to(DOT_DTYPE)
     inv_freq = tl.load(inv_freq_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_KEY_BIAS:
+        b1 = tl.load(b_k_ptr + kv_head * stride_bk_g + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        b2 = tl.load(b_k_ptr + kv_head * stride_bk_g + HALF_DIM + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if KEY_NORM:
+        g1 = tl.load(k_gain_ptr + kv_head * stride_kg_g + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        g2 = tl.load(k_gain_ptr + kv_head * stride_kg_g + HALF_DIM + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
     start, end = split_bounds(seq_lens_ptr, b, split, NUM_KV_SPLITS, BLOCK_N)
 
@@ -157,6 +173,13 @@ def _full_rope_decode_stage1_kernel(
         )  # [BLOCK_N, BLOCK_KR]
         k1 = tl.dot(c_k, w1, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_HD] fp32
         k2 = tl.dot(c_k, w2, input_precision=DOT_PRECISION)
+        if HAS_KEY_BIAS:
+            k1 += b1[None, :]
+            k2 += b2[None, :]
+        if KEY_NORM:  # masked dims are 0 in both halves, so the sums run over D_H values
+            inv_rms = tl.rsqrt((tl.sum(k1 * k1, axis=1) + tl.sum(k2 * k2, axis=1)) / (2 * HALF_DIM) + norm_eps)
+            k1 = k1 * inv_rms[:, None] * g1[None, :]
+            k2 = k2 * inv_rms[:, None] * g2[None, :]
         cos, sin = _cos_sin(offs_n.to(tl.float32)[:, None] * inv_freq[None, :])  # angle = t * inv_freq
         k1r = k1 * cos - k2 * sin  # RoPE, first half:  x1 cos - x2 sin
         k2r = k2 * cos + k1 * sin  # second half:         x2 cos + x1 sin
@@ -176,9 +199,9 @@ def _full_rope_decode_stage1_kernel(
 
 
 def _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups,
-                            key_groups_used) -> tuple[int, int, int]:
-    """Shapes of a full-RoPE decode; returns K_LEN (the key-latent part of a cache row) and the
-    (first, count) key groups the call's KV heads read."""
+                            key_groups_used, v_range, b_k, k_gain) -> tuple[int, int, int, tuple[int, int]]:
+    """Shapes of a full-RoPE decode; returns K_LEN (the key-latent part of a cache row), the
+    (first, count) key groups the call's KV heads read and the value range (start, length)."""
     check_tensor("q", q, 3, FLOAT_DTYPES)
     check_tensor("w_uk", w_uk, 3, FLOAT_DTYPES)
     check_tensor("inv_freq", inv_freq, 1, FLOAT_DTYPES)
@@ -196,17 +219,24 @@ def _check_full_rope_inputs(q, w_uk, inv_freq, block_table, seq_lens, latent_dim
         raise ValueError(f"key_groups_used={(first, count)} must lie inside the row's {key_groups} key groups")
     if num_kv_heads % count:
         raise ValueError(f"key_groups ({count} used) must divide the KV heads ({num_kv_heads})")
-    if latent_dim - key_groups * rank <= 0:
-        raise ValueError(f"latent row ({latent_dim}) leaves no value latent after K_LEN = {key_groups} x {rank}")
-    return key_groups * rank, first, count
+    k_len = key_groups * rank
+    v_start, v_len = (k_len, latent_dim - k_len) if v_range is None else v_range
+    if k_len > latent_dim or v_start < 0 or v_len <= 0 or v_start + v_len > latent_dim:
+        raise ValueError(f"latent row ({latent_dim}) must hold K_LEN = {key_groups} x {rank} and the value range "
+                         f"v_range={(v_start, v_len)} (default: the rest of the row after the key latent)")
+    for name, t in (("b_k", b_k), ("k_gain", k_gain)):
+        if t is not None and tuple(t.shape) != (num_kv_heads, head_dim):
+            raise ValueError(f"{name} must be [G, D_H] = {(num_kv_heads, head_dim)}, got {tuple(t.shape)}")
+    return k_len, first, count, (v_start, v_len)
 
 
 def _launch_full_rope(
     q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, latent_dim, key_groups,
-    key_groups_used, int4, group_size, scale_off, num_kv_splits, block_n, block_h, out_dtype, latent_dtype,
+    key_groups_used, v_range, b_k, k_gain, norm_eps, int4, group_size, scale_off, num_kv_splits, block_n,
+    block_h, out_dtype, latent_dtype,
 ):
-    k_len, first_group, groups_used = _check_full_rope_inputs(
-        q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups, key_groups_used)
+    _, first_group, groups_used, (v_start, v_len) = _check_full_rope_inputs(
+        q, w_uk, inv_freq, block_table, seq_lens, latent_dim, key_groups, key_groups_used, v_range, b_k, k_gain)
     check_blocks(num_kv_splits, block_n, block_h)
     dev = check_device(_full_rope_decode_stage1_kernel, q, cache, w_uk, inv_freq, block_table, seq_lens)
     bsz, num_heads, head_dim = q.shape
@@ -214,11 +244,12 @@ def _launch_full_rope(
     heads_per_kv = num_heads // num_kv_heads
     block_h = block_h or min(16, pow2_at_least(heads_per_kv))
     head_blocks = triton.cdiv(heads_per_kv, block_h)
-    v_len = latent_dim - k_len
+    b_k_arg = b_k.float().contiguous() if b_k is not None else w_uk  # unread placeholders when absent
+    k_gain_arg = k_gain.float().contiguous() if k_gain is not None else w_uk
     return launch_split_kv(
         _full_rope_decode_stage1_kernel,
         num_kv_heads * head_blocks,
-        (q, cache, scale_cache, w_uk, inv_freq, block_table, seq_lens),
+        (q, cache, scale_cache, w_uk, b_k_arg, k_gain_arg, inv_freq, block_table, seq_lens),
         scale,
         (
             q.stride(0),
@@ -229,6 +260,9 @@ def _launch_full_rope(
             scale_cache.stride(1),
             w_uk.stride(0),
             w_uk.stride(1),
+            b_k_arg.stride(0),
+            k_gain_arg.stride(0),
+            float(norm_eps),
             block_table.stride(0),
         ),
         bsz=bsz,
@@ -242,8 +276,10 @@ def _launch_full_rope(
         KV_PER_KEY_GROUP=num_kv_heads // groups_used,
         FIRST_KEY_GROUP=first_group,
         GROUP_RANK=rank,
-        V_START=k_len,
+        V_START=v_start,
         V_LEN=v_len,
+        HAS_KEY_BIAS=b_k is not None,
+        KEY_NORM=k_gain is not None,
         HALF_DIM=head_dim // 2,
         PAGE_SIZE=cache.shape[1],
         INT4=int4,
@@ -269,6 +305,10 @@ def full_rope_decode_attention(
     *,
     key_groups: int = 1,  # G_L of the cache row
     key_groups_used: tuple[int, int] | None = None,  # (first, count) the KV heads of w_uk read; None = all
+    v_range: tuple[int, int] | None = None,  # (start, length) of the value latent; None = after the key latent
+    b_k: torch.Tensor | None = None,  # [G, D_H] key bias
+    k_gain: torch.Tensor | None = None,  # [G, D_H] key RMSNorm gain (q/k-norm sources)
+    norm_eps: float = 1e-6,
     num_kv_splits: int = 8,
     block_n: int = 32,
     block_h: int | None = None,
@@ -279,7 +319,8 @@ def full_rope_decode_attention(
     check_tensor("kv_cache", kv_cache, 3, FLOAT_DTYPES)
     return _launch_full_rope(
         q, kv_cache, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale,
-        latent_dim=kv_cache.shape[2], key_groups=key_groups, key_groups_used=key_groups_used, int4=False, group_size=1, scale_off=0,
+        latent_dim=kv_cache.shape[2], key_groups=key_groups, key_groups_used=key_groups_used, v_range=v_range,
+        b_k=b_k, k_gain=k_gain, norm_eps=norm_eps, int4=False, group_size=1, scale_off=0,
         num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
         out_dtype=out_dtype or q.dtype, latent_dtype=kv_cache.dtype,
     )
@@ -298,6 +339,10 @@ def full_rope_decode_attention_int4(
     group_size: int,
     key_groups: int = 1,
     key_groups_used: tuple[int, int] | None = None,
+    v_range: tuple[int, int] | None = None,
+    b_k: torch.Tensor | None = None,
+    k_gain: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
     num_kv_splits: int = 8,
     block_n: int = 32,
     block_h: int | None = None,
@@ -309,7 +354,8 @@ def full_rope_decode_attention_int4(
     scale_off, _ = int4_row_offsets(latent_dim, group_size)
     return _launch_full_rope(
         q, kv_cache, kv_cache.view(torch.float16), w_uk, inv_freq, block_table, seq_lens, scale,
-        latent_dim=latent_dim, key_groups=key_groups, key_groups_used=key_groups_used, int4=True, group_size=group_size,
+        latent_dim=latent_dim, key_groups=key_groups, key_groups_used=key_groups_used, v_range=v_range,
+        b_k=b_k, k_gain=k_gain, norm_eps=norm_eps, int4=True, group_size=group_size,
         scale_off=scale_off, num_kv_splits=num_kv_splits, block_n=block_n, block_h=block_h,
         out_dtype=out_dtype or q.dtype, latent_dtype=q.dtype,
     )
@@ -330,7 +376,7 @@ def rotate_half_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.T
 
 def full_rope_decode_attention_ref(
     q, kv_cache, w_uk, inv_freq, block_table, seq_lens, scale, *, key_groups=1, key_groups_used=None,
-    latent_dim=None, group_size=None,
+    v_range=None, b_k=None, k_gain=None, norm_eps=1e-6, latent_dim=None, group_size=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch reference: rebuild every key, rotate, GQA attention over value latents.
     For an INT4 (uint8) cache pass latent_dim and group_size."""
@@ -342,7 +388,7 @@ def full_rope_decode_attention_ref(
     else:
         lat_all = kv_cache
     k_len = key_groups * rank
-    v_len = lat_all.shape[-1] - k_len
+    v_start, v_len = (k_len, lat_all.shape[-1] - k_len) if v_range is None else v_range
     kv_of_head = torch.arange(num_heads) // (num_heads // num_kv_heads)
     first, count = (0, key_groups) if key_groups_used is None else key_groups_used
     group_of_kv = first + torch.arange(num_kv_heads) // (num_kv_heads // count)
@@ -356,8 +402,12 @@ def full_rope_decode_attention_ref(
         lat = lat_all[block_table[b, t // page].long().cpu(), t % page].float().cpu()  # [n, W]
         c_k = lat[:, :k_len].view(n, key_groups, rank)[:, group_of_kv]  # [n, G, r]
         keys = torch.einsum("gdr,ngr->ngd", w_uk.float().cpu(), c_k)  # k = W_uk[g] c_k[t, group(g)]
+        if b_k is not None:
+            keys = keys + b_k.float().cpu()
+        if k_gain is not None:
+            keys = k_gain.float().cpu() * keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + norm_eps)
         keys = rotate_half_rope(keys, t, inv_freq.cpu())  # [n, G, D_H]
         s = torch.einsum("hd,nhd->hn", q[b].float().cpu(), keys[:, kv_of_head]) * scale
         lse[b] = torch.logsumexp(s, dim=-1)
-        out[b] = torch.softmax(s, dim=-1) @ lat[:, k_len:]
+        out[b] = torch.softmax(s, dim=-1) @ lat[:, v_start : v_start + v_len]
     return out, lse
