@@ -41,9 +41,10 @@ s_g = 1/rms([W_uk[g] c_k + b_k | raw rope key g]), cached rope key = gain_rope s
 the NoPE score of key t is s_t,g (q_nope gain_nope) . (W_uk c_k,t + b_k) (the b_k term is then no
 longer constant over t and is kept). Key-scale layers take the torch path. Latent groups (Palu, n_grp > 1) reach the kernel as a query that is
 zero outside its chunk, so one pass over the page serves all groups. Full RoPE decodes on
-``full_rope_decode_attention[_int4]`` (keys rebuilt and rotated in the kernel) when the latent is
-split and the keys have neither bias nor norm. Both kernels follow ``LATENTKV_TRITON``; layers
-with key scales always take the torch path.
+``full_rope_decode_attention[_int4]`` (keys rebuilt, biased, normed and rotated in the kernel;
+joint or split latent). With tensor parallelism each rank's kernels read its share of the row:
+its heads' rope slots and its KV heads' key groups. Both kernels follow ``LATENTKV_TRITON``;
+layers with key scales always take the torch path.
 """
 
 from __future__ import annotations
