@@ -98,8 +98,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         self.layer, self.layer_name = layer, prefix
         H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
         tp, rank = tp_split(where, H, G)
-        self.tp, self.rank = tp, rank
-        self.H, self.G, self.d_h = H, G, d_h
+        self.d_h = d_h
         self.H_l, self.G_l = H // tp, G // tp
         self.num_heads = self.H_l
         self.d_n, self.R_H, self.R_D = layer.qk_nope_head_dim, layer.num_rope_heads, layer.rope_head_dim
