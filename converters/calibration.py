@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from converters.importers.hf import AttentionWeights, SourceModel
+from converters.math.nope_scaling import fit_nope_scales, kept_projection_partial, kept_projection_shared
 from converters.math.rope_selection import pair_covariance
 from converters.math.stats import InputStats
 from latentkv import format as fmt
@@ -110,6 +111,25 @@ def attention_stats(source: SourceModel, i: int, hidden: torch.Tensor, src: Atte
         cov += pair_covariance(k)
         n += x.shape[0]
     return AttentionStats(inputs=inputs, q_pair_norms=q_norms / n, k_pair_norms=k_norms / n, key_pair_cov=cov, tokens=n)
+
+
+NOPE_FIT_SEQUENCES = 8  # calibration sequences the NoPE scales are fitted on (scores are [N, H, L, L])
+
+
+@torch.no_grad()
+def nope_scales(source: SourceModel, i: int, hidden: torch.Tensor, src: AttentionWeights, plan) -> torch.Tensor:
+    """Layer i's NoPE scales [n_f] (``converters.math.nope_scaling``) for the pairs / components
+    ``plan`` keeps, fitted on the source layer's attention over the first calibration sequences."""
+    dims = source.dims
+    n_f, N = dims.head_dim // 2, min(NOPE_FIT_SEQUENCES, hidden.shape[0])
+    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
+    x = rms_norm(hidden[:N], norm_w, source.rms_norm_eps)
+    q, k, v = head_projections(x.flatten(0, 1), src, dims, source.rms_norm_eps)
+    L = x.shape[1]
+    kept = (kept_projection_shared(plan.rotation, plan.components) if plan.rope_mode == "shared"
+            else kept_projection_partial(plan.pairs, n_f))
+    return fit_nope_scales(q.view(N, L, *q.shape[1:]), k.view(N, L, *k.shape[1:]), v.view(N, L, *v.shape[1:]),
+                           source.inv_freq, kept, fmt.default_softmax_scale(dims.head_dim))
 
 
 def _pair_norms(x: torch.Tensor) -> torch.Tensor:

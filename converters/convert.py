@@ -53,6 +53,7 @@ class ConvertOptions:
     centred: bool = False  # method activation: centred covariance + bias update (LatentLLM eq. 41-47)
     damping: float = 0.01  # relative damping of the activation statistics (activation, latentllm)
     rank_allocation: Literal["uniform", "lorc", "budgeted"] = "uniform"  # per-layer widths from kv_ratio / rank
+    nope_scaling: Literal["none", "fit"] = "none"  # partial/shared: scale NoPE'd key parts (math/nope_scaling.py)
     calibration_text: str | None = None  # plain text, or JSON lines with a text field
     calibration_text_field: str = "text"
     calibration_samples: int = 32
@@ -64,7 +65,7 @@ class ConvertOptions:
 
     def needs_calibration(self) -> bool:
         return ((self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
-                or self.method != "svd" or self.rank_allocation == "budgeted")
+                or self.method != "svd" or self.rank_allocation == "budgeted" or self.nope_scaling == "fit")
 
 
 class ConversionError(ValueError):
@@ -179,9 +180,16 @@ def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool
         raise ConversionError(f"rank_allocation {opts.rank_allocation!r}: choose one of {', '.join(methods.RANK_ALLOCATIONS)}")
     if opts.rank_allocation != "uniform" and opts.ranks is not None:
         raise ConversionError("rank_allocation lorc/budgeted distributes a total budget: give kv_ratio or rank, not ranks")
+    if opts.nope_scaling not in ("none", "fit"):
+        raise ConversionError(f"nope_scaling {opts.nope_scaling!r}: choose none or fit")
+    if opts.nope_scaling == "fit" and (opts.rope_mode == "full" or opts.method == "transkv"):
+        raise ConversionError("--nope-scaling fit scales the key dims that lose RoPE: use it with --rope-mode partial or shared")
+    if opts.nope_scaling == "fit" and source.qk_norm:
+        raise ConversionError("--nope-scaling fit cannot scale keys of q/k-norm sources (the key norm undoes it); use none")
     if opts.needs_calibration() and not opts.calibration_text and not has_tokens:
         what = f"method={opts.method}" if opts.method != "svd" else (
-            "rank_allocation=budgeted" if opts.rank_allocation == "budgeted" else f"rope_mode={opts.rope_mode} strategy={opts.rope_strategy}")
+            "rank_allocation=budgeted" if opts.rank_allocation == "budgeted" else
+            "nope_scaling=fit" if opts.nope_scaling == "fit" else f"rope_mode={opts.rope_mode} strategy={opts.rope_strategy}")
         raise ConversionError(f"{what} needs --calibration-text")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ConversionError(f"dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
@@ -316,6 +324,8 @@ def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceM
     if stats is None and hidden is not None:
         stats = calib.attention_stats(source, i, hidden, src)
     plan = plan_layer(i, width, opts, source, stats)
+    if opts.nope_scaling == "fit":
+        plan.nope_scale = calib.nope_scales(source, i, hidden, src, plan)
     mean = stats.inputs.mean if opts.centred else None
     return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims), input_mean=mean)
 

@@ -22,6 +22,7 @@ import torch
 from converters.importers.hf import AttentionWeights
 from converters.math.hadamard import block_hadamard
 from converters.math.lowrank import joint_factors
+from converters.math.nope_scaling import kept_projection_shared
 from latentkv import format as fmt
 from latentkv.rope import pair_dims
 
@@ -45,6 +46,7 @@ class LatentPlan:
     pairs: list[list[int]] | None = None  # partial: kept pairs per KV head
     rotation: torch.Tensor | None = None  # shared: U [n_f, G, G]
     components: list[tuple[int, int]] | None = None  # shared: kept (pair, component)
+    nope_scale: torch.Tensor | None = None  # [n_f]: factor of each pair's NoPE'd key part (math/nope_scaling.py)
     softmax_scale: float | None = None
     hadamard: bool = False  # rotate the latent by a block Hadamard (better INT4 caches, same model)
 
@@ -197,14 +199,19 @@ def _partial_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims)
     if src.q_norm is not None:
         direct["q_norm.weight"] = _norm_rows(src.q_norm, order)
         direct["k_norm.weight"] = _norm_rows(src.k_norm, order)
+    wk_nope, bk_nope = _rows(src.wk, G, nope, d_h), _rows(src.bk, G, nope, d_h)
+    if plan.nope_scale is not None:  # row (g, d) belongs to pair d % n_f
+        alpha = plan.nope_scale[torch.tensor([d % n_f for n in nope for d in n])]
+        wk_nope = (wk_nope.double() * alpha[:, None]).to(wk_nope.dtype)
+        bk_nope = (bk_nope.double() * alpha).to(bk_nope.dtype) if bk_nope is not None else None
     return {
         "direct": direct,
         "d_n": d_h - len(kept[0]),
         "rope_pairs": [list(p) for p in plan.pairs],
         "wk_rope": _rows(src.wk, G, kept, d_h),
         "bk_rope": _rows(src.bk, G, kept, d_h),
-        "wk_nope": _rows(src.wk, G, nope, d_h),
-        "bk_nope": _rows(src.bk, G, nope, d_h),
+        "wk_nope": wk_nope,
+        "bk_nope": bk_nope,
     }
 
 
@@ -234,11 +241,10 @@ def _shared_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) 
         bq = per_head(src.bq, H)
         bq_rope = (u.T[group][:, None, :] * bq[:, :, pairs]).reshape(H, -1)
         direct["q_proj.bias"] = torch.cat([src.bq.view(H, d_h), bq_rope], dim=1).reshape(-1)
-    # NoPE keys: W_k,nope = (I - Pi_i) W_k per pair, in each head's own coordinates
-    keep = torch.zeros(n_f, G, G, dtype=torch.float64)
-    for i, j in comps:
-        keep[i] += torch.outer(U[i, :, j], U[i, :, j])
-    residual = torch.eye(G, dtype=torch.float64) - keep  # [n_f, G, G]
+    # NoPE keys: W_k,nope = alpha_i (I - Pi_i) W_k per pair, in each head's own coordinates
+    residual = torch.eye(G, dtype=torch.float64) - kept_projection_shared(U, comps)  # [n_f, G, G]
+    if plan.nope_scale is not None:
+        residual = residual * plan.nope_scale.to(torch.float64)[:, None, None]
     wk_nope = torch.einsum("igh,hcid->gcid", residual, wk).reshape(G * d_h, D)
     bk_nope = None
     if src.bk is not None:

@@ -69,6 +69,10 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank-allocation", choices=["uniform", "lorc", "budgeted"], default="uniform",
                    help="per-layer latent widths for --kv-ratio/--rank: uniform; lorc: LoRC progressive ranks from the "
                         "key/value weights' condition numbers; budgeted: activation error curves, same total (default: %(default)s)")
+    g.add_argument("--nope-scaling", choices=["none", "fit"], default="none",
+                   help="partial/shared RoPE: none keeps the key dims that lose RoPE as they are (MHA2MLA); fit scales "
+                        "each pair's NoPE'd part by a factor in [0, 1] fitted to the source layer's attention output on "
+                        "calibration text (default: %(default)s)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration-text", help="plain text or JSON lines used for statistics")
     g.add_argument("--text-field", default="text", help="JSON-lines field holding the text (default: %(default)s)")
@@ -91,7 +95,8 @@ def options_from_args(args: argparse.Namespace):
         rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
         rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups, hadamard=args.hadamard,
         keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, centred=args.centred, preconditioner=args.preconditioner, damping=args.damping,
-        rank_allocation=args.rank_allocation, calibration_text=args.calibration_text, calibration_text_field=args.text_field,
+        rank_allocation=args.rank_allocation, nope_scaling=args.nope_scaling, calibration_text=args.calibration_text,
+        calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
         calibration_seed=args.seed, calibration_inputs=args.calibration_inputs, dtype=args.dtype,
         shard_bytes=args.shard_size,

@@ -113,3 +113,43 @@ def test_cli_method_flags(stories, tmp_path):
     assert method["name"] == "mha2mla+activation-svd"
     assert method["params"]["preconditioner"] == "diag_l2" and method["params"]["damping"] == 0.05
     assert method["params"]["rank_allocation"] == "budgeted"
+
+
+def test_nope_scaling_fit_beats_plain_nope(stories, windows, tmp_path):
+    """Shared RoPE (8 components) at a 50% cache: fitted NoPE factors vs MHA2MLA's plain NoPE."""
+    kw = dict(rope_mode="shared", rope_pairs=8, kv_ratio=0.5, method="activation")
+    plain = _ppl(_convert(stories, tmp_path / "plain", **kw), windows)
+    fit_dir = _convert(stories, tmp_path / "fit", nope_scaling="fit", **kw)
+    fit = _ppl(fit_dir, windows)
+    print(f"stories260K shared 8 components, 50% cache: plain NoPE {plain:.2f}, NoPE fit {fit:.2f}")
+    assert fit < 0.9 * plain, (fit, plain)
+    assert json.loads((fit_dir / "config.json").read_text())["latent_kv"]["method"]["params"]["nope_scaling"] == "fit"
+
+
+def test_nope_scaling_refuses_what_it_cannot_scale(stories, tmp_path):
+    from tests.helpers import make_hf_model
+
+    with pytest.raises(ConversionError, match="partial or shared"):
+        convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, nope_scaling="fit",
+                                                      calibration_text=CAL), progress=False)
+    with pytest.raises(ConversionError, match="nope_scaling=fit needs --calibration-text"):
+        convert(stories, tmp_path / "x", ConvertOptions(rope_mode="partial", rope_strategy="high", kv_ratio=0.5,
+                                                      nope_scaling="fit"), progress=False)
+    qwen3 = make_hf_model(tmp_path / "qwen3", "qwen3")
+    with pytest.raises(ConversionError, match="q/k-norm"):
+        convert(qwen3, tmp_path / "y", ConvertOptions(rope_mode="partial", rope_strategy="high", kv_ratio=0.5,
+                                                    nope_scaling="fit"), progress=False,
+                calibration_ids=torch.randint(3, 100, (2, 16)))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_cli_nope_scaling_flag():
+    import argparse
+
+    from latentkv.cli import add_convert_args, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_convert_args(parser)
+    args = parser.parse_args(["--rope-mode", "shared", "--kv-ratio", "0.5", "--nope-scaling", "fit"])
+    assert options_from_args(args).nope_scaling == "fit"
+    assert options_from_args(parser.parse_args(["--rank", "8"])).nope_scaling == "none"
