@@ -35,10 +35,12 @@ from latentkv.text import load_calibration_samples, load_eval_windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT_COV = dict(svd="joint", method="activation", preconditioner="root_covariance")
 METHODS = [
     ("SVD_joint", dict(svd="joint", method="svd")),
     ("SVD_split", dict(svd="split", method="svd")),
-    ("root-cov joint", dict(svd="joint", method="activation", preconditioner="root_covariance")),
+    ("root-cov joint", ROOT_COV),
+    ("root-cov joint, NoPE fit", dict(ROOT_COV, nope_scaling="fit")),  # partial / shared only
 ]
 
 
@@ -85,7 +87,7 @@ SUBJECTS = {
                   "(24 windows of 256 tokens, never trained on).",
         settings=[_partial(1), _partial(2), _partial(4), _shared(8), _shared(16), _shared(32), FULL],
         ratios=(0.5, 0.25, 0.125),
-        methods=[METHODS[0], METHODS[2]],
+        methods=[METHODS[0], METHODS[2], METHODS[3]],
     ),
 }
 
@@ -102,7 +104,8 @@ def run(subject: Subject, tmp: Path) -> tuple[float, list[str]]:
     windows, calib = subject.windows(tokenizer), subject.calibration(tokenizer)
     source_ppl = evaluate(src, windows)
     rows = []
-    cases = [(s, m) for s in subject.settings for m in subject.methods]
+    cases = [(s, m) for s in subject.settings for m in subject.methods
+             if not (s[1]["rope_mode"] == "full" and m[1].get("nope_scaling") == "fit")]  # full: nothing NoPE'd
     for (label, setting), (method, mopts) in tqdm(cases, desc="settings x methods", unit="row"):
         cells = []
         for ratio in subject.ratios:
@@ -138,6 +141,8 @@ def main() -> None:
         f"Source model perplexity: **{source_ppl:.3f}**. KV ratio = cached values per token / the source's;",
         "`n/a`: the kept rope keys alone exceed that ratio. Rows with the same rope width (k pairs per head x "
         "heads = 2 x shared components) cost the same cache.",
+        "`NoPE fit`: `--nope-scaling fit`, each pair's NoPE'd key part scaled by a factor fitted to the source "
+        "layer's attention output (`converters/math/nope_scaling.py`); full RoPE NoPEs nothing.",
         "",
         "| RoPE | decomposition | " + " | ".join(f"KV {r:.1%}" for r in subject.ratios) + " |",
         "|---|---|" + "---|" * len(subject.ratios),
