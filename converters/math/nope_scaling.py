@@ -71,18 +71,22 @@ def fit_nope_scales(
     def score(qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:  # [N, L, H, 2] x [N, L, G, 2] -> [N, H, L, L]
         return torch.einsum("nthd,nshd->nhts", qi, ki[:, :, group]) * scale
 
-    target = output(score(q_rot, k_rot))
     P = P.to(torch.float64)
-    nope = (torch.eye(G, dtype=torch.float64) - P)  # [n_f, G, G]
-    # kept parts rotated: R(theta t) P_i k equals P_i applied to the rotated keys (P mixes heads only)
-    kept_rot = [torch.einsum("gh,nshd->nsgd", P[i], pair(k_rot, i)) for i in range(n_f)]
-    total = sum(score(pair(q_rot, i), kept_rot[i]) for i in range(n_f))
+    nope = torch.eye(G, dtype=torch.float64) - P  # [n_f, G, G]
+
+    def kept_score(i: int) -> torch.Tensor:  # R(theta t) P_i k = P_i R(theta t) k: P mixes heads only
+        return score(pair(q_rot, i), torch.einsum("gh,nshd->nsgd", P[i], pair(k_rot, i)))
+
+    def nope_score(i: int) -> torch.Tensor:  # unrotated (I - P_i) k, scored against the unrotated query
+        return score(pair(q, i), torch.einsum("gh,nshd->nsgd", nope[i], pair(k, i)))
+
+    target = output(score(q_rot, k_rot))
     alpha = torch.ones(n_f, dtype=torch.float64)
     nope_pairs = [i for i in range(n_f) if nope[i].abs().max() > 1e-12]
-    total = total + sum(score(pair(q, i), torch.einsum("gh,nshd->nsgd", nope[i], pair(k, i))) for i in nope_pairs)
+    total = sum(kept_score(i) for i in range(n_f)) + sum(nope_score(i) for i in nope_pairs)  # alpha = 1
     for _ in range(sweeps):
         for i in nope_pairs:
-            s_i = score(pair(q, i), torch.einsum("gh,nshd->nsgd", nope[i], pair(k, i)))
+            s_i = nope_score(i)  # recomputed rather than kept: n_f score tensors of [N, H, L, L] would not fit
             errors = [(output(total + (a - alpha[i]) * s_i) - target).pow(2).sum().item() for a in grid]
             best = grid[min(range(len(grid)), key=errors.__getitem__)]
             total = total + (best - alpha[i]) * s_i
