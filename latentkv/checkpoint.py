@@ -8,7 +8,10 @@ and rename it at the end: a failed conversion leaves nothing half-written.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import socket
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -20,6 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from latentkv import format as fmt
+
+log = logging.getLogger("latentkv.checkpoint")
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -176,19 +181,83 @@ class ShardedWriter:
         (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
 
+# A temporary output directory holds this file while its conversion runs: the owner's host and
+# process id tell a later conversion whether the directory was left behind by a killed one.
+_OWNER_FILE = ".latentkv-owner"
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_modes(root: Path) -> None:
+    """Directories 0777 and files 0666 less the umask, as ``save_pretrained`` would leave them.
+
+    mkdtemp makes its directory 0700 (and some writers 0600 files); renamed into place unchanged,
+    a checkpoint written by root would be unreadable by the user who serves it (the Helm chart's
+    vLLM runs as UID 10001).
+    """
+    mask = _current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _owner_alive(tmp: Path) -> bool | None:
+    """Whether the conversion that owns ``tmp`` still runs: None when it cannot be told (another host)."""
+    try:
+        host, pid = (tmp / _OWNER_FILE).read_text().split()
+    except (OSError, ValueError):
+        return False  # no owner file: a killed writer of an older version, or killed before writing it
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete temporary directories that killed conversions to ``out_dir`` left beside it."""
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.*.tmp"):
+        if not tmp.is_dir():
+            continue
+        alive = _owner_alive(tmp)
+        if alive is False:
+            log.warning("removing %s, left by an interrupted conversion to %s", tmp, out_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif alive is None:
+            log.warning("%s was left by a conversion on another host; delete it by hand if that one has stopped", tmp)
+
+
 @contextmanager
 def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds."""
+    """Yield a temporary directory that becomes ``out_dir`` only if the block succeeds.
+
+    The result is readable like any ``save_pretrained`` output (modes follow the umask), and the
+    temporaries of earlier conversions to the same ``out_dir`` that were killed are removed first.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"output directory {out_dir} already exists; pass --overwrite to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output path {out_dir} exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
+        (tmp / _OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
+        (tmp / _OWNER_FILE).unlink()
+        _publish_modes(tmp)
         if out_dir.exists():
-            backup = out_dir.with_name(out_dir.name + ".old.tmp")
-            out_dir.rename(backup)
+            backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+            out_dir.rename(backup / "previous")
             tmp.rename(out_dir)
             shutil.rmtree(backup)
         else:

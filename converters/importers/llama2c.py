@@ -29,9 +29,6 @@ compute exactly llama2.c's. This is llama2.c's own ``permute_original`` in its H
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +40,7 @@ from converters.importers.llama2c_tokenizer import (
     read_llama2c_tokenizer,
     write_hf_tokenizer_files,
 )
+from latentkv.checkpoint import atomic_output_dir
 
 __all__ = ["Llama2cHeader", "read_llama2c_header", "import_llama2c", "packaged_stories260k"]
 
@@ -247,24 +245,11 @@ def import_llama2c(model_bin: Path, tokenizer_bin: Path, out_dir: Path, *, overw
     _check_rope_tables(tensors, h, model_bin)
     state = _hf_state_dict(tensors, h)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(_hf_config(h), indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(_generation_config(), indent=2) + "\n")
         write_hf_tokenizer_files(vocab, tmp, model_max_length=h.seq_len)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if out_dir.exists():  # overwrite: move the old one aside, then swap in
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rename(out_dir, old / "d")
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
