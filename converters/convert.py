@@ -35,26 +35,33 @@ log = logging.getLogger("latentkv.convert")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+# The recommended recipe is the default (the best one-shot setting measured on the real SmolLM2,
+# benchmarks/results/rope_modes_smollm2.md); the papers' settings stay available by option.
+DEFAULT_KV_RATIO = 0.5  # when none of rank, ranks, kv_ratio is given
+# Calibration text when the user gives none: the C4 sample shipped with the package (NOTICE beside it).
+DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "text" / "c4_sample.jsonl"
+
+
 @dataclass
 class ConvertOptions:
-    rope_mode: Literal["partial", "shared", "full"] = "partial"
+    rope_mode: Literal["partial", "shared", "full"] = "full"
     rope_strategy: Literal["high", "low", "uniform", "2norm"] = "2norm"  # partial only
     rope_pairs: int = 1  # partial: pairs kept per KV head; shared: rotated 2-D components in all
     svd: Literal["joint", "split"] = "joint"
     rank: int | None = None  # latent width per layer (joint rank, or k_rank + v_rank when split)
     ranks: list[int] | None = None  # per-layer latent widths
-    kv_ratio: float | None = None  # target cache size / source cache size
+    kv_ratio: float | None = None  # target cache size / source cache size; DEFAULT_KV_RATIO if no size is given
     latent_groups: int = 1  # Palu-style grouped-head latents
     hadamard: bool = False  # rotate the latent by a block Hadamard folded into the weights (for INT4 caches)
     keep_layers: list[int] = field(default_factory=list)  # left uncompressed
-    method: Literal["svd", "activation", "latentllm", "transkv"] = "svd"  # see converters.methods
+    method: Literal["svd", "activation", "latentllm", "transkv"] = "activation"  # see converters.methods
     transkv_scale: Literal["original", "reduced"] = "original"  # transkv softmax scale: 1/sqrt(d_h) or 1/sqrt(r_k)
     preconditioner: str = "root_covariance"  # method activation: LatentLLM Table 1 kind
     centred: bool = False  # method activation: centred covariance + bias update (LatentLLM eq. 41-47)
     damping: float = 0.01  # relative damping of the activation statistics (activation, latentllm)
     rank_allocation: Literal["uniform", "lorc", "budgeted"] = "uniform"  # per-layer widths from kv_ratio / rank
     nope_scaling: Literal["none", "fit"] = "none"  # partial/shared: scale NoPE'd key parts (math/nope_scaling.py)
-    calibration_text: str | None = None  # plain text, or JSON lines with a text field
+    calibration_text: str | None = None  # plain text, or JSON lines with a text field; None: DEFAULT_CALIBRATION_TEXT
     calibration_text_field: str = "text"
     calibration_samples: int = 32
     calibration_seq_len: int = 256
@@ -66,6 +73,9 @@ class ConvertOptions:
     def needs_calibration(self) -> bool:
         return ((self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
                 or self.method != "svd" or self.rank_allocation == "budgeted" or self.nope_scaling == "fit")
+
+    def calibration_path(self) -> Path:
+        return Path(self.calibration_text) if self.calibration_text else DEFAULT_CALIBRATION_TEXT
 
 
 class ConversionError(ValueError):
@@ -91,25 +101,33 @@ def latent_widths(opts: ConvertOptions, dims: fmt.ModelDims, qk_norm: bool) -> l
     """Latent width of every layer, from --rank, --ranks or --kv-ratio."""
     L = dims.num_hidden_layers
     given = [x is not None for x in (opts.rank, opts.ranks, opts.kv_ratio)]
-    if sum(given) != 1:
-        raise ConversionError("give exactly one of rank, ranks (per layer) or kv_ratio")
+    if sum(given) > 1:
+        raise ConversionError("give at most one of rank, ranks (per layer) or kv_ratio")
     if opts.ranks is not None:
         if len(opts.ranks) != L:
             raise ConversionError(f"ranks has {len(opts.ranks)} entries; the model has {L} layers")
         return list(opts.ranks)
     if opts.rank is not None:
         return [opts.rank] * L
-    if not 0 < opts.kv_ratio <= 1:
-        raise ConversionError(f"kv_ratio must be in (0, 1], got {opts.kv_ratio}")
+    ratio = target_kv_ratio(opts)
     source = fmt.source_cache_values_per_token(dims)
     rope = rope_values(opts, dims, qk_norm)
-    width = round(opts.kv_ratio * source) - rope
+    width = round(ratio * source) - rope
     if width < 1:
         raise ConversionError(
-            f"kv_ratio {opts.kv_ratio} leaves no room for a latent: the rope keys alone take "
+            f"kv_ratio {ratio} leaves no room for a latent: the rope keys alone take "
             f"{rope / source:.1%} of the source cache; keep fewer rope pairs or raise the ratio"
         )
     return [width] * L
+
+
+def target_kv_ratio(opts: ConvertOptions) -> float:
+    return DEFAULT_KV_RATIO if opts.kv_ratio is None else opts.kv_ratio
+
+
+def derives_widths(opts: ConvertOptions) -> bool:
+    """Widths come from a cache ratio (given or default): clamp them to what is useful."""
+    return opts.rank is None and opts.ranks is None
 
 
 def width_limit(opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: int) -> int:
@@ -126,7 +144,7 @@ def make_ranks(width: int, opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: 
     A width derived from --kv-ratio is clamped to the largest useful rank (beyond it the latent is
     exact already); an explicit --rank above it is an error.
     """
-    clamp = opts.kv_ratio is not None
+    clamp = derives_widths(opts)
     n_grp = opts.latent_groups
     limit = width_limit(opts, dims, nope_dim)
     if opts.svd == "joint" or nope_dim == 0:
@@ -149,8 +167,15 @@ def make_ranks(width: int, opts: ConvertOptions, dims: fmt.ModelDims, nope_dim: 
 
 # ---- the conversion ----------------------------------------------------------------------------
 
-def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool = False) -> None:
+def validate_options(opts: ConvertOptions, source: SourceModel) -> None:
+    """Reject options that cannot work for ``source``, the cache size first (what users get wrong most)."""
     dims = source.dims
+    if opts.kv_ratio is not None and not 0 < opts.kv_ratio <= 1:
+        raise ConversionError(f"kv_ratio must be in (0, 1] (the cache size as a fraction of the source's), got {opts.kv_ratio}")
+    if opts.rank is not None and opts.rank < 1:
+        raise ConversionError(f"rank must be a positive latent width, got {opts.rank}")
+    if opts.ranks is not None and min(opts.ranks, default=1) < 1:
+        raise ConversionError(f"ranks must be positive latent widths, got {opts.ranks}")
     n_f, G = dims.head_dim // 2, dims.num_key_value_heads
     if opts.rope_mode == "partial" and not 1 <= opts.rope_pairs <= n_f:
         raise ConversionError(f"rope_pairs={opts.rope_pairs}: a KV head has only {n_f} frequency pairs (head_dim/2)")
@@ -186,11 +211,6 @@ def validate_options(opts: ConvertOptions, source: SourceModel, has_tokens: bool
         raise ConversionError("--nope-scaling fit scales the key dims that lose RoPE: use it with --rope-mode partial or shared")
     if opts.nope_scaling == "fit" and source.qk_norm:
         raise ConversionError("--nope-scaling fit cannot scale keys of q/k-norm sources (the key norm undoes it); use none")
-    if opts.needs_calibration() and not opts.calibration_text and not has_tokens:
-        what = f"method={opts.method}" if opts.method != "svd" else (
-            "rank_allocation=budgeted" if opts.rank_allocation == "budgeted" else
-            "nope_scaling=fit" if opts.nope_scaling == "fit" else f"rope_mode={opts.rope_mode} strategy={opts.rope_strategy}")
-        raise ConversionError(f"{what} needs --calibration-text")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ConversionError(f"dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -203,8 +223,11 @@ def calibration_tokens(source: SourceModel, opts: ConvertOptions) -> torch.Tenso
 
     tokenizer = AutoTokenizer.from_pretrained(source.dir)
     check_tokenizer_matches(tokenizer, source.hf_config)
+    path = opts.calibration_path()
+    if not opts.calibration_text:
+        log.info("no calibration text given: calibrating on the C4 sample shipped with latentkv (%s)", path.name)
     return load_calibration_samples(
-        opts.calibration_text, tokenizer, opts.calibration_samples, opts.calibration_seq_len,
+        path, tokenizer, opts.calibration_samples, opts.calibration_seq_len,
         seed=opts.calibration_seed, text_field=opts.calibration_text_field,
     )
 
@@ -244,7 +267,7 @@ def convert(
     """
     t0 = time.perf_counter()
     source = SourceModel(src_dir)
-    validate_options(opts, source, has_tokens=calibration_ids is not None)
+    validate_options(opts, source)
     dims = source.dims
     widths = latent_widths(opts, dims, source.qk_norm)
     out_dtype = DTYPES[opts.dtype] if opts.dtype else source.dtype
@@ -346,7 +369,7 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
         return out
     nope_dim = dims.head_dim - 2 * opts.rope_pairs if opts.rope_mode == "partial" else dims.head_dim
     limit = width_limit(opts, dims, nope_dim)
-    clamp = lambda w: min(w, limit) if opts.kv_ratio is not None else w  # noqa: E731
+    clamp = lambda w: min(w, limit) if derives_widths(opts) else w  # noqa: E731
     total = sum(clamp(widths[i]) for i in layers)
     step = opts.latent_groups * (1 if opts.svd == "joint" or nope_dim == 0 else 2)
     lo = step

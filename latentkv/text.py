@@ -20,6 +20,11 @@ Windows (``eval_windows``):
     short document is one short window. Only the first window of a document starts with BOS.
   * ``mode="stream"``: the documents' token lists (each with its BOS) are concatenated and cut
     into full windows of exactly ``seq_len`` tokens; the incomplete tail is dropped.
+  * ``mode="raw"`` (``load_eval_windows`` only; use it for WikiText-2 and PTB): the file's whole
+    text, read as it is (JSON lines: the documents joined by blank lines), is tokenized once
+    without special tokens and cut into full windows of ``seq_len`` tokens. This is the protocol
+    of GPTQ, LatentLLM and most compression papers (their "wikitext2 perplexity"), minus the one
+    BOS they put at the very start; it scores every token of the test set once.
   The first token of each window is context only (it is never predicted), see
   ``latentkv.evaluate.perplexity``.
 
@@ -218,13 +223,25 @@ def load_eval_windows(
     seq_len: int,
     *,
     max_windows: int | None = None,
-    mode: Literal["document", "stream"] = "document",
+    mode: Literal["document", "stream", "raw"] = "document",
     fmt: Literal["auto", "text", "jsonl"] = "auto",
     text_field: str = "text",
 ) -> list[torch.Tensor]:
-    """read_documents -> tokenize_documents (BOS per document) -> eval_windows."""
-    docs = read_documents(path, fmt=fmt, text_field=text_field)
-    return eval_windows(tokenize_documents(tokenizer, docs), seq_len, mode=mode, max_windows=max_windows)
+    """read_documents -> tokenize_documents (BOS per document) -> eval_windows; or, with
+    ``mode="raw"``, the whole text as one token stream without BOS (see the module doc)."""
+    if mode != "raw":
+        docs = read_documents(path, fmt=fmt, text_field=text_field)
+        return eval_windows(tokenize_documents(tokenizer, docs), seq_len, mode=mode, max_windows=max_windows)
+    docs = read_documents(path, fmt=fmt, text_field=text_field) if _is_jsonl(path, fmt) else None
+    raw = "\n\n".join(docs) if docs is not None else Path(path).read_text(encoding="utf-8")
+    if not raw.strip():
+        raise ValueError(f"text file is empty (or only whitespace): {path}")
+    stream = tokenizer(raw, add_special_tokens=False)["input_ids"]
+    return eval_windows([stream], seq_len, mode="stream", max_windows=max_windows)
+
+
+def _is_jsonl(path: str | Path, fmt: str) -> bool:
+    return fmt == "jsonl" or (fmt == "auto" and Path(path).suffix.lower() in (".jsonl", ".json"))
 
 
 def load_calibration_samples(

@@ -11,7 +11,7 @@ import torch
 
 from converters.convert import ConvertOptions, convert
 from latentkv.modeling import LatentKVCache
-from tests.helpers import load_hf, load_latent, make_hf_model
+from tests.helpers import PLAIN_SVD, load_hf, load_latent, make_hf_model
 
 TOL = 1e-4  # fp32 logits, max abs difference
 
@@ -30,7 +30,7 @@ def sources(tmp_path_factory):
 def _convert(src, tmp_path, **kw):
     out = tmp_path / "latent"
     ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
-    convert(src, out, ConvertOptions(**kw), progress=False, calibration_ids=ids)
+    convert(src, out, ConvertOptions(**{**PLAIN_SVD, **kw}), progress=False, calibration_ids=ids)
     return out
 
 
@@ -173,7 +173,7 @@ def test_half_precision_sharded_source_and_output(tmp_path, dtype):
     model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")  # Hugging Face's own sharding
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
-    opts = dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, kv_ratio=1.0)
+    opts = dict(rope_mode="partial", rope_strategy="high", rope_pairs=8, kv_ratio=1.0, **PLAIN_SVD)
     convert(tmp_path / "sharded", tmp_path / "one", ConvertOptions(**opts), progress=False)
     convert(tmp_path / "sharded", tmp_path / "many", ConvertOptions(shard_bytes=40_000, **opts), progress=False)
     shards = sorted(p.name for p in (tmp_path / "many").glob("*.safetensors"))

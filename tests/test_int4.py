@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from tests.helpers import PLAIN_SVD
+
 from latentkv.int4 import (
     dequantize_int4,
     int4_pack_rows,
@@ -77,7 +79,7 @@ def test_reference_model_attends_to_what_an_int4_cache_holds(tmp_path):
 
     src = make_hf_model(tmp_path / "src", "llama", kv_heads=2)
     out = tmp_path / "latent"
-    convert(src, out, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=2, rank=16), progress=False)
+    convert(src, out, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=2, rank=16, **PLAIN_SVD), progress=False)
     ids = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(0))
     fp32 = load_latent(out)(ids).logits
     config = json.loads((out / "config.json").read_text())

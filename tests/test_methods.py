@@ -9,7 +9,7 @@ import torch
 
 from converters.convert import ConversionError, ConvertOptions, convert
 from latentkv.cli import DATA
-from tests.helpers import load_hf, load_latent
+from tests.helpers import PLAIN_SVD, load_hf, load_latent
 
 CAL = str(DATA / "text" / "tinystories_a.txt")
 EVAL = DATA / "text" / "tinystories_sample.txt"
@@ -35,7 +35,7 @@ def windows(stories):
 def _convert(stories, out, **kw):
     kw.setdefault("calibration_text", CAL)
     kw.setdefault("calibration_samples", 16)
-    convert(stories, out, ConvertOptions(**kw), overwrite=True, progress=False)
+    convert(stories, out, ConvertOptions(**{**PLAIN_SVD, **kw}), overwrite=True, progress=False)
     return out
 
 
@@ -92,11 +92,15 @@ def test_allocated_ranks_are_recorded_and_meet_the_budget(stories, tmp_path, all
 
 
 def test_methods_need_calibration(stories, tmp_path):
+    from converters.convert import DEFAULT_CALIBRATION_TEXT
+
     assert ConvertOptions(method="activation").needs_calibration()
-    assert ConvertOptions(rank_allocation="budgeted", rope_mode="full").needs_calibration()
-    assert not ConvertOptions(rope_mode="full").needs_calibration()
-    with pytest.raises(ConversionError, match="calibration"):
-        convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, method="activation"), progress=False)
+    assert ConvertOptions(rank_allocation="budgeted", rope_mode="full", method="svd").needs_calibration()
+    assert not ConvertOptions(rope_mode="full", method="svd").needs_calibration()
+    # no calibration text given: the shipped C4 sample is used
+    assert ConvertOptions().calibration_path() == DEFAULT_CALIBRATION_TEXT and DEFAULT_CALIBRATION_TEXT.is_file()
+    convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, calibration_samples=4), progress=False)
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["latent_kv"]["method"]["name"] == "mha2mla+activation-svd"
     with pytest.raises(ConversionError, match="split"):
         convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, method="latentllm",
                                                       calibration_text=CAL), progress=False)
@@ -132,9 +136,6 @@ def test_nope_scaling_refuses_what_it_cannot_scale(stories, tmp_path):
     with pytest.raises(ConversionError, match="partial or shared"):
         convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, nope_scaling="fit",
                                                       calibration_text=CAL), progress=False)
-    with pytest.raises(ConversionError, match="nope_scaling=fit needs --calibration-text"):
-        convert(stories, tmp_path / "x", ConvertOptions(rope_mode="partial", rope_strategy="high", kv_ratio=0.5,
-                                                      nope_scaling="fit"), progress=False)
     qwen3 = make_hf_model(tmp_path / "qwen3", "qwen3")
     with pytest.raises(ConversionError, match="q/k-norm"):
         convert(qwen3, tmp_path / "y", ConvertOptions(rope_mode="partial", rope_strategy="high", kv_ratio=0.5,

@@ -43,6 +43,9 @@ class SourceModel:
 
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
+        if self.dir.is_file() and self.dir.suffix == ".gguf":
+            raise CheckpointError(f"{self.dir} is a GGUF file; import it first with `latentkv import-gguf {self.dir} DIR`, "
+                                  "then convert DIR")
         if not self.dir.is_dir():
             raise CheckpointError(f"source model directory {self.dir} does not exist")
         self.config_dict = fmt.read_config(self.dir)

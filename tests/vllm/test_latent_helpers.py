@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import PLAIN_SVD
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 TEXT = SHARED / "text" / "tinystories_a.txt"
@@ -39,7 +41,7 @@ def convert_to(src: Path, out: Path, **opts) -> Path:
     from converters.convert import ConvertOptions, convert
 
     calibration_ids = opts.pop("calibration_ids", None)
-    convert(src, out, ConvertOptions(**opts), progress=False, calibration_ids=calibration_ids)
+    convert(src, out, ConvertOptions(**{**PLAIN_SVD, **opts}), progress=False, calibration_ids=calibration_ids)
     return out
 
 

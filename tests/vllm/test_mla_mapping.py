@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from latentkv import format as fmt
+from tests.helpers import PLAIN_SVD
 from vllm_latentkv.mla_mapping import (
     PairRotaryEmbedding,
     kv_b_weight,
@@ -34,7 +35,7 @@ def _convert(tmp, *, heads, kv_heads, head_dim, hidden, rope_pairs, **opts):
     src = make_hf_model(tmp / "src", "llama", heads=heads, kv_heads=kv_heads, head_dim=head_dim, hidden=hidden,
                         layers=1, vocab=VOCAB)
     ids = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    convert(src, tmp / "latent", ConvertOptions(rope_mode="shared", rope_pairs=rope_pairs, **opts), progress=False,
+    convert(src, tmp / "latent", ConvertOptions(rope_mode="shared", rope_pairs=rope_pairs, **{**PLAIN_SVD, **opts}), progress=False,
             calibration_ids=ids)
     model = load_latent(tmp / "latent", dtype=torch.float64)
     cfg = model.config
