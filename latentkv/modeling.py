@@ -25,6 +25,7 @@ keys (RoPE sits between W_uk and the query), so it rebuilds them and absorbs onl
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -40,6 +41,14 @@ from latentkv import int4
 from latentkv.rope import rotate
 
 AttnPath = Literal["auto", "expand", "absorb"]
+
+# What transformers calls the cache. Up to 5.23 it is ``past_key_values``; from 5.24 it is ``cache`` everywhere:
+# generate() keeps it in ``model_kwargs["cache"]``, prepare_inputs_for_generation passes it to forward as
+# ``cache=`` and after each step generate reads it back from ``outputs["cache"]`` only. A model that takes and
+# returns ``past_key_values`` there never gets its cache back: every decode step starts an empty cache and attends
+# to its own token only (transformers' warning: "Both `past_key_values` and `cache` are set").
+# The output class of the installed transformers declares the name (a public dataclass field, no private API).
+CACHE_NAME = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 class LatentKVConfig(PretrainedConfig):
@@ -117,6 +126,9 @@ class _LayerEntries(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # get_max_length's name (and abstract) before transformers 5.13
         return -1
 
     def reset(self) -> None:
@@ -205,6 +217,26 @@ def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, key_padding: torch.Ten
     if key_padding is not None:
         mask = mask & key_padding[:, None, None, :].bool()
     return mask
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v with GQA: q [B, H, T, d], k [B, G, S, d], v [B, G, S, d_v] -> [B, H, T, d_v].
+
+    ``mask`` [B, 1, T, S] (True = visible), or None for plain causal attention over T == S
+    tokens (the fused kernel's fast path). Rows that see no key give 0 (left padding), as in
+    :func:`softmax_attention`.
+    """
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    return torch.nan_to_num(o, nan=0.0) if mask is not None else o
+
+
+def sdpa_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, key_padding: torch.Tensor | None, cache) -> torch.Tensor | None:
+    """The mask for :func:`sdpa_attention`: None (causal fast path) for a whole uncached, unpadded
+    sequence from position 0, else :func:`causal_mask`."""
+    T = q_pos.shape[1]
+    if cache is None and key_padding is None and bool((q_pos == torch.arange(T, device=q_pos.device)).all()):
+        return None
+    return causal_mask(q_pos, k_pos, key_padding)
 
 
 def softmax_attention(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -296,12 +328,14 @@ class LatentAttention(nn.Module):
             new = int4.as_cached(new, self.int4_group)
         entries = cache.append(positions, **new) if cache is not None else new
         k_pos = cache.positions if cache is not None else positions
-        mask = causal_mask(positions, k_pos, key_padding)
         if self.layer.rope_mode == "full":
             q_nope = rotate(q_nope, positions, self.source_freqs)
         use_absorb = path == "absorb" or (path == "auto" and T == 1 and cache is not None)
-        attend = self._absorbed if use_absorb else self._expanded
-        o = attend(q_nope, q_rope, entries, k_pos, mask)  # [B, T, H, d_h]
+        if use_absorb:
+            o = self._absorbed(q_nope, q_rope, entries, k_pos, causal_mask(positions, k_pos, key_padding))
+        else:
+            o = self._expanded(q_nope, q_rope, entries, k_pos, sdpa_mask(positions, k_pos, key_padding, cache))
+        # o: [B, T, H, d_h]
         return self.o_proj(o.reshape(B, T, self.H * self.d_h))
 
     def _new_rope_keys(self, c, k_rope, positions):
@@ -331,17 +365,24 @@ class LatentAttention(nn.Module):
         return k
 
     def _expanded(self, q_nope, q_rope, entries, k_pos, mask):
-        """Prefill path: up-project the cached latents, then ordinary attention."""
-        scores = 0
+        """Prefill path: up-project the cached latents, then ordinary attention.
+
+        s = q_nope . k_nope + q_rope . k_rope is one dot product of the concatenations
+        [q_nope | q_rope] . [k_nope | k_rope], so this is plain GQA attention over KV-head keys of
+        width d_n + R_D, run by scaled_dot_product_attention (fused, differentiable).
+        """
+        q_parts, k_parts = [], []
         if self.d_n:
-            k = self._heads(self._keys_nope(entries, k_pos))  # [B, S, H, d_n]
-            scores = torch.einsum("bthd,bshd->bhts", q_nope.float(), k.float())
+            q_parts.append(q_nope)
+            k_parts.append(self._keys_nope(entries, k_pos))  # [B, S, G, d_n]
         if self.R_H:
-            k_rope = self._rope_slots(entries["rope"])
-            scores = scores + torch.einsum("bthd,bshd->bhts", q_rope.float(), k_rope.float())
-        probs = softmax_attention(scores * self.layer.softmax_scale, mask)
-        v = self._heads(self._up(self.v_b_proj, self._chunks(entries["latent"], self.layer.latent.v_slice), self.d_h))
-        return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q_rope.dtype)
+            q_parts.append(q_rope)
+            k_parts.append(entries["rope"].repeat_interleave(self.G // self.R_H, dim=2))  # rope head of each KV head
+        q = torch.cat(q_parts, dim=-1).float().transpose(1, 2)  # [B, H, T, d]
+        k = torch.cat(k_parts, dim=-1).float().transpose(1, 2)  # [B, G, S, d]
+        v = self._up(self.v_b_proj, self._chunks(entries["latent"], self.layer.latent.v_slice), self.d_h)
+        o = sdpa_attention(q, k, v.float().transpose(1, 2), mask, self.layer.softmax_scale)
+        return o.transpose(1, 2).to(q_rope.dtype)
 
     def _absorbed(self, q_nope, q_rope, entries, k_pos, mask):
         """Decode path (MHA2MLA App. B): scores and values in latent space."""
@@ -410,11 +451,10 @@ class HeadAttention(nn.Module):
             q = torch.einsum("bthd,hdr->bthr", q, self.k_reduce.repeat_interleave(self.H // self.G, dim=0))
         entries = cache.append(positions, k=k, v=v) if cache is not None else {"k": k, "v": v}
         k_pos = cache.positions if cache is not None else positions
-        rep = self.H // self.G
-        k_all, v_all = entries["k"].repeat_interleave(rep, dim=2), entries["v"].repeat_interleave(rep, dim=2)
-        scores = torch.einsum("bthd,bshd->bhts", q.float(), k_all.float()) * self.layer.softmax_scale
-        probs = softmax_attention(scores, causal_mask(positions, k_pos, key_padding))
-        o = torch.einsum("bhts,bshd->bthd", probs, v_all.float()).to(x.dtype)
+        k_all, v_all = (entries[n].float().transpose(1, 2) for n in ("k", "v"))  # [B, G, S, d]
+        o = sdpa_attention(q.float().transpose(1, 2), k_all, v_all, sdpa_mask(positions, k_pos, key_padding, cache),
+                           self.layer.softmax_scale)
+        o = o.transpose(1, 2).to(x.dtype)  # [B, T, H, d_v]
         return self.o_proj(o.reshape(B, T, self.H * self.d_v))
 
 
@@ -493,8 +533,11 @@ class LatentKVForCausalLM(LatentKVPreTrainedModel, GenerationMixin):
         return self.model.embed_tokens
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = LatentKVCache(self.config.num_hidden_layers)
+        """generate() would make a DynamicCache; give it a LatentKVCache, under the name it reads (CACHE_NAME)."""
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = LatentKVCache(self.config.num_hidden_layers)
+        else:  # the caller's cache, or none: transformers' own checks apply
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
 
     def forward(
         self,
@@ -505,23 +548,29 @@ class LatentKVForCausalLM(LatentKVPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cache: LatentKVCache | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        if past_key_values is not None and not isinstance(past_key_values, LatentKVCache):
-            raise TypeError(f"past_key_values must be a LatentKVCache, got {type(past_key_values).__name__}")
-        if past_key_values is None and use_cache:
-            past_key_values = LatentKVCache(self.config.num_hidden_layers)
+        # Either name is accepted (generate passes CACHE_NAME, callers may use either); see CACHE_NAME.
+        if past_key_values is not None:
+            if cache is not None and cache is not past_key_values:
+                raise TypeError("pass the cache as `cache` or as `past_key_values`, not both")
+            cache = past_key_values
+        if cache is not None and not isinstance(cache, LatentKVCache):
+            raise TypeError(f"the cache must be a LatentKVCache, got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = LatentKVCache(self.config.num_hidden_layers)
         B, T = input_ids.shape
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        hidden = self.model(input_ids, position_ids, past_key_values, attention_mask, self.attn_path)
+        hidden = self.model(input_ids, position_ids, cache, attention_mask, self.attn_path)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep]).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: cache})
 
 
 def register_with_transformers() -> None:

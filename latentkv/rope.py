@@ -49,8 +49,8 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> 
     n = x.shape[-1] // 2
     freqs = inv_freq.to(device=x.device, dtype=torch.float64)
     if freqs.dim() == 1:
-        freqs = freqs.expand(x.shape[-2], n)
-    angle = positions.to(torch.float64)[..., None, None] * freqs  # [B, T, heads, n]
+        freqs = freqs[None]  # [1, n]: one table broadcast over the heads (cos/sin are the costly part)
+    angle = positions.to(torch.float64)[..., None, None] * freqs  # [B, T, heads or 1, n]
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     a, b = x[..., :n], x[..., n:]
     return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
