@@ -87,7 +87,7 @@ def calibrated_run(src: Path, out: Path, samples: int, seq_len: int) -> str:
     return (
         "import torch\nfrom converters.convert import ConvertOptions, convert\n"
         f"ids = torch.randint(0, {CONFIG['vocab_size']}, ({samples}, {seq_len}), generator=torch.Generator().manual_seed(0))\n"
-        f"convert({str(src)!r}, {str(out)!r}, ConvertOptions(rope_mode='full', kv_ratio=0.25, method='activation',"
+        f"convert({str(src)!r}, {str(out)!r}, ConvertOptions(rope_mode='full', kv_ratio=0.25, method='activation', refine_steps=0,"
         " preconditioner='root_covariance'), calibration_ids=ids, overwrite=True)"
     )
 

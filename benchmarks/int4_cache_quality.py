@@ -71,7 +71,7 @@ def main() -> None:
             cells = {}
             for hadamard in (False, True):
                 out = tmp / f"latent-{hadamard}"
-                opts = ConvertOptions(rope_mode="full", kv_ratio=0.5, hadamard=hadamard,
+                opts = ConvertOptions(rope_mode="full", kv_ratio=0.5, hadamard=hadamard, refine_steps=0,
                                       calibration_text=str(DATA / "text" / "tinystories_a.txt"), **method)
                 convert(src, out, opts, overwrite=True, progress=False)
                 if not hadamard:  # the rotation does not change the fp32 model

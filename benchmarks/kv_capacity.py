@@ -55,7 +55,8 @@ def main() -> int:
         tmp = Path(d)
         src = import_llama2c(*packaged_stories260k(), tmp / "src")
         latent = tmp / "latent"
-        convert(src, latent, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", kv_ratio=0.5),
+        convert(src, latent, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", kv_ratio=0.5,
+                                            method="svd", refine_steps=0),
                 progress=False)
         spec, dims = fmt.load_spec(json.loads((latent / "config.json").read_text()))
         report = fmt.kv_bytes_report(spec, dims, element_bytes=4)

@@ -56,7 +56,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     windows = load_eval_windows(TEXT / "tinystories_sample.txt", AutoTokenizer.from_pretrained(src), 512)
-    base_opts = dict(calibration_text=str(TEXT / "tinystories_a.txt"), calibration_samples=16, calibration_seq_len=256)
+    base_opts = dict(calibration_text=str(TEXT / "tinystories_a.txt"), calibration_samples=16, calibration_seq_len=256,
+                     refine_steps=0)  # the closed forms
     tokens = calibration_tokens(SourceModel(src), ConvertOptions(**base_opts))
     base = perplexity(load_hf(src), windows, batch_size=4, progress=False)
     results: dict = {}

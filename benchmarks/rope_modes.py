@@ -109,7 +109,7 @@ def run(subject: Subject, tmp: Path) -> tuple[float, list[str]]:
     for (label, setting), (method, mopts) in tqdm(cases, desc="settings x methods", unit="row"):
         cells = []
         for ratio in subject.ratios:
-            opts = ConvertOptions(kv_ratio=ratio, **setting, **mopts)
+            opts = ConvertOptions(kv_ratio=ratio, refine_steps=0, **setting, **mopts)  # the closed forms
             try:
                 convert(src, tmp / "out", opts, overwrite=True, progress=False, calibration_ids=calib)
                 cells.append(f"{evaluate(tmp / 'out', windows):.2f}")

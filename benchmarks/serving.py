@@ -607,7 +607,8 @@ def build_cpu_smoke_models(workdir: Path, group: int) -> tuple[Path, Path]:
 
     src = import_llama2c(*packaged_stories260k(), workdir / "stories260K")
     conv = workdir / "stories260K-latent"
-    convert(src, conv, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=1, kv_ratio=0.25),
+    convert(src, conv, ConvertOptions(rope_mode="partial", rope_strategy="high", rope_pairs=1, kv_ratio=0.25, method="svd",
+                                         refine_steps=0),
             progress=False)
     return src, conv
 

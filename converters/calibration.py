@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from torch import nn
+
 from converters.importers.hf import AttentionWeights, SourceModel
+from converters.math.refine import FitReport, fit_to_outputs
 from converters.math.nope_scaling import fit_nope_scales, kept_projection_partial, kept_projection_shared
 from converters.math.rope_selection import pair_covariance
 from converters.math.stats import InputStats
 from latentkv import format as fmt
-from latentkv.modeling import DecoderLayer, LatentKVConfig
+from latentkv.modeling import DecoderLayer, HeadAttention, LatentAttention, LatentKVConfig
 
 
 @dataclass
@@ -70,18 +73,66 @@ def single_layer_spec(source: SourceModel, layer: fmt.LayerSpec, attention_bias:
     )
 
 
-def layer_module(source: SourceModel, spec: fmt.LatentKVSpec, tensors: dict[str, torch.Tensor], dtype) -> DecoderLayer:
-    """Build a one-layer DecoderLayer and load ``tensors`` (names relative to the layer)."""
+def _one_layer_config(source: SourceModel, spec: fmt.LatentKVSpec) -> LatentKVConfig:
     config_dict = dict(source.config_dict)
     config_dict.update(num_hidden_layers=1, latent_kv=spec.model_dump(), model_type=fmt.MODEL_TYPE)
     for key in ("architectures", "layer_types"):
         config_dict.pop(key, None)
-    config = LatentKVConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
-    module = DecoderLayer(config, spec, 0).to(dtype)
+    return LatentKVConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
+
+
+def _load(module: nn.Module, tensors: dict[str, torch.Tensor], dtype) -> nn.Module:
+    module = module.to(dtype)
     missing, unexpected = module.load_state_dict({k: v.to(dtype) for k, v in tensors.items()}, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"layer tensors do not match the layer module: missing {missing}, unexpected {unexpected}")
     return module.eval()
+
+
+def layer_module(source: SourceModel, spec: fmt.LatentKVSpec, tensors: dict[str, torch.Tensor], dtype) -> DecoderLayer:
+    """Build a one-layer DecoderLayer and load ``tensors`` (names relative to the layer)."""
+    return _load(DecoderLayer(_one_layer_config(source, spec), spec, 0), tensors, dtype)
+
+
+def attention_module(source: SourceModel, spec: fmt.LatentKVSpec, tensors: dict[str, torch.Tensor], dtype) -> nn.Module:
+    """The attention of a one-layer ``spec`` alone, ``tensors`` named relative to ``self_attn.``."""
+    layer = spec.layers[0]
+    cls = LatentAttention if isinstance(layer, fmt.LatentLayer) else HeadAttention
+    return _load(cls(_one_layer_config(source, spec), spec, layer, 0), tensors, dtype)
+
+
+# Parameters refined by --refine-params: the latent factors the conversion built, or the whole attention.
+REFINED_PARAMETERS = {
+    "latent": ("kv_a_proj.", "k_b_proj.", "v_b_proj."),
+    "attention": ("kv_a_proj.", "k_b_proj.", "v_b_proj.", "q_proj.", "o_proj."),
+}
+
+
+def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
+                        tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
+                        batch: int, params: str = "latent", seed: int = 0) -> tuple[dict[str, torch.Tensor], FitReport]:
+    """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
+    states (``converters.math.refine``); returns the updated tensors (float64) and the fit's report."""
+    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
+    x = rms_norm(hidden, norm_w, source.rms_norm_eps)  # [N, L, D]
+    positions = torch.arange(x.shape[1])
+    attend = lambda attn, xb: attn(xb, positions.expand(xb.shape[0], -1), None, None, "expand")  # noqa: E731
+    src_spec = single_layer_spec(source, fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(source.dims.head_dim)))
+    src_tensors = {n.removeprefix(f"model.layers.{i}.self_attn."): source.tensor(n, torch.float32)
+                   for n in source.layer_names(i) if ".self_attn." in n}
+    teacher = attention_module(source, src_spec, src_tensors, torch.float32)
+    with torch.no_grad():
+        targets = torch.cat([attend(teacher, x[s : s + 8]) for s in range(0, x.shape[0], 8)])
+    student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32)
+    chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        report = fit_to_outputs(lambda xb: attend(student, xb), chosen, x, targets, steps=steps, lr=lr, batch=batch, seed=seed)
+    fitted = {n: p.detach().to(torch.float64) for n, p in student.state_dict().items()}
+    return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report
 
 
 @torch.no_grad()

@@ -61,6 +61,10 @@ class ConvertOptions:
     damping: float = 0.01  # relative damping of the activation statistics (activation, latentllm)
     rank_allocation: Literal["uniform", "lorc", "budgeted"] = "uniform"  # per-layer widths from kv_ratio / rank
     nope_scaling: Literal["none", "fit"] = "none"  # partial/shared: scale NoPE'd key parts (math/nope_scaling.py)
+    refine_steps: int = 100  # Adam steps fitting each latent layer to the source attention's output (math/refine.py)
+    refine_lr: float = 1e-3  # Adam; the loss is in units of the relative error, so one rate suits every layer
+    refine_batch: int = 4  # calibration sequences per step
+    refine_params: Literal["latent", "attention"] = "latent"  # latent factors only, or also q_proj / o_proj
     calibration_text: str | None = None  # plain text, or JSON lines with a text field; None: DEFAULT_CALIBRATION_TEXT
     calibration_text_field: str = "text"
     calibration_samples: int = 32
@@ -72,7 +76,8 @@ class ConvertOptions:
 
     def needs_calibration(self) -> bool:
         return ((self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
-                or self.method != "svd" or self.rank_allocation == "budgeted" or self.nope_scaling == "fit")
+                or self.method != "svd" or self.rank_allocation == "budgeted" or self.nope_scaling == "fit"
+                or self.refine_steps > 0)
 
     def calibration_path(self) -> Path:
         return Path(self.calibration_text) if self.calibration_text else DEFAULT_CALIBRATION_TEXT
@@ -211,6 +216,8 @@ def validate_options(opts: ConvertOptions, source: SourceModel) -> None:
         raise ConversionError("--nope-scaling fit scales the key dims that lose RoPE: use it with --rope-mode partial or shared")
     if opts.nope_scaling == "fit" and source.qk_norm:
         raise ConversionError("--nope-scaling fit cannot scale keys of q/k-norm sources (the key norm undoes it); use none")
+    if opts.refine_steps < 0 or opts.refine_lr <= 0 or opts.refine_batch < 1:
+        raise ConversionError("refine_steps must be >= 0, refine_lr > 0 and refine_batch >= 1")
     if opts.dtype is not None and opts.dtype not in DTYPES:
         raise ConversionError(f"dtype {opts.dtype!r}: choose one of {', '.join(DTYPES)}")
 
@@ -332,7 +339,14 @@ def complete_biases(layer: fmt.LayerSpec, tensors: dict, opts: ConvertOptions, s
 
 def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):
     layer, tensors = _convert_attention(i, width, opts, source, hidden, stats)
-    return layer, complete_biases(layer, tensors, opts, source)
+    tensors = complete_biases(layer, tensors, opts, source)
+    if opts.refine_steps > 0 and isinstance(layer, fmt.LatentLayer):
+        tensors, fit = calib.refine_latent_layer(
+            source, i, hidden, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
+            batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i)
+        log.info("layer %d: attention output error %.4f -> %.4f (%d refinement steps, %.1f s)",
+                 i, fit.error_before, fit.error_after, fit.steps, fit.seconds)
+    return layer, tensors
 
 
 def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):

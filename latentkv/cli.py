@@ -33,7 +33,9 @@ def _size(text: str) -> int:
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    from converters.convert import DEFAULT_KV_RATIO
+    from converters.convert import DEFAULT_KV_RATIO, ConvertOptions
+
+    defaults = ConvertOptions()
 
     g = p.add_argument_group("positions (RoPE)")
     g.add_argument("--rope-mode", choices=["partial", "shared", "full"], default="full",
@@ -78,6 +80,15 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="partial/shared RoPE: none keeps the key dims that lose RoPE as they are (MHA2MLA); fit scales "
                         "each pair's NoPE'd part by a factor in [0, 1] fitted to the source layer's attention output on "
                         "calibration text (default: %(default)s)")
+    g = p.add_argument_group("refinement (attention-output-aware, after the closed form)")
+    g.add_argument("--refine-steps", type=int, default=defaults.refine_steps,
+                   help="Adam steps per latent layer fitting its factors to the source attention's output on calibration "
+                        "text, through RoPE and the softmax; 0 turns it off (default: %(default)s)")
+    g.add_argument("--refine-lr", type=float, default=defaults.refine_lr, help="(default: %(default)s)")
+    g.add_argument("--refine-batch", type=int, default=defaults.refine_batch,
+                   help="calibration sequences per step (default: %(default)s)")
+    g.add_argument("--refine-params", choices=["latent", "attention"], default=defaults.refine_params,
+                   help="latent: kv_a/k_b/v_b projections; attention: also q_proj and o_proj (default: %(default)s)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration-text",
                    help="plain text or JSON lines used for statistics (default: the C4 sample shipped with latentkv)")
@@ -101,7 +112,9 @@ def options_from_args(args: argparse.Namespace):
         rope_mode=args.rope_mode, rope_strategy=args.rope_strategy, rope_pairs=args.rope_pairs, svd=args.svd,
         rank=args.rank, ranks=args.ranks, kv_ratio=args.kv_ratio, latent_groups=args.latent_groups, hadamard=args.hadamard,
         keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, centred=args.centred, preconditioner=args.preconditioner, damping=args.damping,
-        rank_allocation=args.rank_allocation, nope_scaling=args.nope_scaling, calibration_text=args.calibration_text,
+        rank_allocation=args.rank_allocation, nope_scaling=args.nope_scaling, refine_steps=args.refine_steps,
+        refine_lr=args.refine_lr, refine_batch=args.refine_batch, refine_params=args.refine_params,
+        calibration_text=args.calibration_text,
         calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
         calibration_seed=args.seed, calibration_inputs=args.calibration_inputs, dtype=args.dtype,
@@ -272,7 +285,8 @@ def describe_recipe(opts) -> str:
 
     method = opts.method + (f" ({opts.preconditioner}{', centred + bias update' if opts.centred else ''})"
                             if opts.method == "activation" else "")
-    return f"{opts.rope_mode} RoPE, {opts.svd} SVD, method {method}, KV ratio {target_kv_ratio(opts)}"
+    refined = f", attention-output refinement {opts.refine_steps} steps/layer" if opts.refine_steps else ""
+    return f"{opts.rope_mode} RoPE, {opts.svd} SVD, method {method}{refined}, KV ratio {target_kv_ratio(opts)}"
 
 
 class DemoError(RuntimeError):
@@ -328,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "stories260k: the tiny shipped model, seconds (default: %(default)s)")
     p.add_argument("--workdir", default="latentkv-demo")
     p.add_argument("--kv-ratio", type=float, default=0.5)
-    p.add_argument("--eval-windows", type=int, default=8, help="smollm2: WikiText-2 windows of 1024 tokens (default: %(default)s)")
+    p.add_argument("--eval-windows", type=int, default=4, help="smollm2: WikiText-2 windows of 1024 tokens (default: %(default)s)")
     p.add_argument("--question", default="What is the capital of France?")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=cmd_demo)

@@ -14,7 +14,7 @@ import pytest
 from latentkv.cli import main
 from tests.helpers import PLAIN_SVD
 
-FLAGS = ["--rope-mode", "full", "--rank", "16", "--method", PLAIN_SVD["method"]]
+FLAGS = ["--rope-mode", "full", "--rank", "16", "--method", PLAIN_SVD["method"], "--refine-steps", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -283,7 +283,7 @@ def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
 
 @contextlib.contextmanager
 def vllm_serve(model: Path, log_path: Path, *, served_name: str, max_model_len: int, kv_cache_bytes: int,
-               ready_timeout: float):
+               ready_timeout: float, extra_args: tuple[str, ...] = ()):
     """``vllm serve model`` (float32, CPU platform) on a free 127.0.0.1 port, output in ``log_path``;
     yields (base URL, process) once /health answers, stopped with :func:`stop_server` on exit."""
     port = free_port()
@@ -291,7 +291,7 @@ def vllm_serve(model: Path, log_path: Path, *, served_name: str, max_model_len: 
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
         "--dtype", "float32", "--max-model-len", str(max_model_len),
-        "--kv-cache-memory-bytes", str(kv_cache_bytes),
+        "--kv-cache-memory-bytes", str(kv_cache_bytes), *extra_args,
     ]
     env = {**os.environ, "LATENTKV_CPU_PLATFORM": "1"}
     with open(log_path, "wb") as log:

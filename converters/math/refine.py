@@ -1,0 +1,94 @@
+"""Attention-output-aware refinement of a converted layer's latent factors.
+
+The closed forms minimise a proxy of the layer's error: ||W - B A||_F (plain SVD) or
+||(W - B A) P||_F with an activation pre-conditioner P (LatentLLM eq. 5-9). Neither sees what the
+layer computes,
+
+    o(x) = W_o [softmax_t(scale * s(q_h, k_t)) v_t]_h,    s = RoPE(q) . RoPE(k)  (NoPE parts unrotated)
+
+with RoPE between the key up-projection and the score (full mode) and the softmax's non-linearity
+in every mode. Starting from the closed form, ``fit_to_outputs`` moves the chosen parameters theta
+(the latent down-projection A = kv_a_proj, including its rope-key rows, and the up-projections
+B_k = k_b_proj, B_v = v_b_proj) to minimise the relative error of the layer's output against the
+source layer's on calibration inputs X:
+
+    E(theta) = sum_x ||o_theta(x) - o_src(x)||^2 / sum_x ||o_src(x)||^2
+
+by Adam on mini-batches of calibration sequences with a cosine learning-rate decay. The loss is
+the layer's attention output after W_o, the quantity the residual stream receives, as in the
+layer-wise reconstruction of GPTQ / llm-compressor's sequential pipeline, but through the softmax.
+Where the closed form is exact (full rank) the gradient is zero and nothing moves.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FitReport:
+    error_before: float  # E(theta_0) on all calibration inputs
+    error_after: float  # E(theta) after the last step
+    steps: int
+    seconds: float
+
+
+def relative_error(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
+                   chunk: int = 8) -> float:
+    """E = sum ||predict(x) - y||^2 / sum ||y||^2 over all sequences, in chunks (no gradient)."""
+    num = den = 0.0
+    with torch.no_grad():
+        for s in range(0, inputs.shape[0], chunk):
+            y = targets[s : s + chunk]
+            num += (predict(inputs[s : s + chunk]) - y).pow(2).sum().item()
+            den += y.pow(2).sum().item()
+    return num / max(den, 1e-30)
+
+
+def fit_to_outputs(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    params: list[nn.Parameter],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    seed: int = 0,
+) -> FitReport:
+    """Adam on ``params`` minimising E over mini-batches of ``batch`` sequences of ``inputs`` [N, L, D].
+
+    ``predict(x)`` must be differentiable in ``params``; ``targets`` [N, L, D] are fixed. The
+    parameters keep the best iterate seen on the whole calibration set (checked at the end
+    against the start), so a learning rate that is too high cannot make the layer worse.
+    """
+    t0 = time.perf_counter()
+    start = [p.detach().clone() for p in params]
+    before = relative_error(predict, inputs, targets)
+    if steps <= 0 or before == 0.0:
+        return FitReport(before, before, 0, time.perf_counter() - t0)
+    scale = targets.pow(2).mean().clamp_min(1e-30)  # the loss in units of E, so one lr fits all layers
+    opt = torch.optim.Adam(params, lr=lr, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    g = torch.Generator().manual_seed(seed)
+    n = inputs.shape[0]
+    for _ in range(steps):
+        pick = torch.randperm(n, generator=g)[: min(batch, n)]
+        loss = (predict(inputs[pick]) - targets[pick]).pow(2).mean() / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    after = relative_error(predict, inputs, targets)
+    if not after < before:  # never return a layer worse than the closed form
+        with torch.no_grad():
+            for p, p0 in zip(params, start):
+                p.copy_(p0)
+        after = before
+    return FitReport(before, after, steps, time.perf_counter() - t0)
