@@ -131,7 +131,7 @@ def tokenize_documents(tokenizer: Any, docs: Sequence[str], *, add_bos: bool = T
     if add_bos and bos is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no BOS token; "
                          "pass add_bos=False to tokenize without one")
-    enc = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    enc = tokenizer(list(docs), add_special_tokens=False, verbose=False)["input_ids"]  # long documents are cut later
     return [([bos] if add_bos else []) + list(ids) for ids in enc]
 
 
@@ -236,7 +236,7 @@ def load_eval_windows(
     raw = "\n\n".join(docs) if docs is not None else Path(path).read_text(encoding="utf-8")
     if not raw.strip():
         raise ValueError(f"text file is empty (or only whitespace): {path}")
-    stream = tokenizer(raw, add_special_tokens=False)["input_ids"]
+    stream = tokenizer(raw, add_special_tokens=False, verbose=False)["input_ids"]  # long on purpose: no length warning
     return eval_windows([stream], seq_len, mode="stream", max_windows=max_windows)
 
 
