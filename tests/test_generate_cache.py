@@ -25,16 +25,9 @@ CONVERSIONS = {
     # MHA2MLA partial RoPE: one rotated pair per KV head cached next to the latent, fully absorbed decode
     "partial": dict(rope_mode="partial", rope_strategy="2norm", rope_pairs=1, kv_ratio=0.5),
 }
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PROMPTS = ["Once upon a time", "Lily and Ben went to the park. They saw a big dog", "The sun"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The 260K model decodes fastest on one thread: more only contend (1 s per generate vs 5-60 s on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,8 @@ EXPECTED = MODEL_DIR / "expected_greedy_200.txt"
 TINYSTORIES_A = DATA / "text" / "tinystories_a.txt"
 TINYSTORIES_SAMPLE = DATA / "text" / "tinystories_sample.txt"
 
-pytestmark = pytest.mark.skipif(not MODEL_BIN.is_file(), reason=f"shared data not found at {DATA}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The model is tiny: one thread is fastest, and the 2-core machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.skipif(not MODEL_BIN.is_file(), reason=f"shared data not found at {DATA}"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
