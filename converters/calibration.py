@@ -76,7 +76,8 @@ def single_layer_spec(source: SourceModel, layer: fmt.LayerSpec, attention_bias:
 def _one_layer_config(source: SourceModel, spec: fmt.LatentKVSpec) -> LatentKVConfig:
     config_dict = dict(source.config_dict)
     config_dict.update(num_hidden_layers=1, latent_kv=spec.model_dump(), model_type=fmt.MODEL_TYPE)
-    for key in ("architectures", "layer_types"):
+    # rope_scaling: the frequencies are in the spec (newer transformers warn about the old key)
+    for key in ("architectures", "layer_types", "rope_scaling", "rope_parameters"):
         config_dict.pop(key, None)
     return LatentKVConfig(**{k: v for k, v in config_dict.items() if k != "model_type"})
 

@@ -325,7 +325,7 @@ def _plan(reader, gguf_path: Path) -> tuple[dict, list[_Plan]]:
         "rms_norm_eps": _f32(_meta(reader, a + "attention.layer_norm_rms_epsilon")),
         # llama.cpp's default base when a file leaves it out
         "rope_theta": _f32(_meta(reader, a + "rope.freq_base", 10000.0)),
-        "rope_scaling": rope_scaling,
+        **({"rope_scaling": rope_scaling} if rope_scaling else {}),  # a null key makes newer transformers warn
         "attention_bias": biases["attention_bias"],
         "mlp_bias": biases["mlp_bias"],
         "attention_dropout": 0.0,
