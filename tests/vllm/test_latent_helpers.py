@@ -22,8 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import PLAIN_SVD
-
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 TEXT = SHARED / "text" / "tinystories_a.txt"
@@ -39,6 +37,7 @@ def make_stories_source(out: Path) -> Path:
 
 def convert_to(src: Path, out: Path, **opts) -> Path:
     from converters.convert import ConvertOptions, convert
+    from tests.helpers import PLAIN_SVD  # here, not at the top: engine subprocesses import this file without the repo on sys.path
 
     calibration_ids = opts.pop("calibration_ids", None)
     convert(src, out, ConvertOptions(**{**PLAIN_SVD, **opts}), progress=False, calibration_ids=calibration_ids)
