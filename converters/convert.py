@@ -36,7 +36,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 # The recommended recipe is the default (the best one-shot setting measured on the real SmolLM2,
-# benchmarks/results/rope_modes_smollm2.md); the papers' settings stay available by option.
+# benchmarks/results/smollm2_quality.md); the papers' settings stay available by option.
 DEFAULT_KV_RATIO = 0.5  # when none of rank, ranks, kv_ratio is given
 # Calibration text when the user gives none: the C4 sample shipped with the package (NOTICE beside it).
 DEFAULT_CALIBRATION_TEXT = Path(__file__).resolve().parent / "data" / "text" / "c4_sample.jsonl"
