@@ -111,20 +111,22 @@ REFINED_PARAMETERS = {
 
 def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
-                        batch: int, params: str = "latent", seed: int = 0) -> tuple[dict[str, torch.Tensor], FitReport]:
+                        batch: int, params: str = "latent", seed: int = 0,
+                        device: str = "cpu") -> tuple[dict[str, torch.Tensor], FitReport]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
-    states (``converters.math.refine``); returns the updated tensors (float64) and the fit's report."""
+    states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU)
+    and the fit's report."""
     norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
-    x = rms_norm(hidden, norm_w, source.rms_norm_eps)  # [N, L, D]
-    positions = torch.arange(x.shape[1])
+    x = rms_norm(hidden, norm_w, source.rms_norm_eps).to(device)  # [N, L, D]
+    positions = torch.arange(x.shape[1], device=device)
     attend = lambda attn, xb: attn(xb, positions.expand(xb.shape[0], -1), None, None, "expand")  # noqa: E731
     src_spec = single_layer_spec(source, fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(source.dims.head_dim)))
     src_tensors = {n.removeprefix(f"model.layers.{i}.self_attn."): source.tensor(n, torch.float32)
                    for n in source.layer_names(i) if ".self_attn." in n}
-    teacher = attention_module(source, src_spec, src_tensors, torch.float32)
+    teacher = attention_module(source, src_spec, src_tensors, torch.float32).to(device)
     with torch.no_grad():
         targets = torch.cat([attend(teacher, x[s : s + 8]) for s in range(0, x.shape[0], 8)])
-    student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32)
+    student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():
         p.requires_grad_(False)
@@ -132,7 +134,7 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
         p.requires_grad_(True)
     with torch.enable_grad():
         report = fit_to_outputs(lambda xb: attend(student, xb), chosen, x, targets, steps=steps, lr=lr, batch=batch, seed=seed)
-    fitted = {n: p.detach().to(torch.float64) for n, p in student.state_dict().items()}
+    fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
     return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report
 
 

@@ -65,6 +65,7 @@ class ConvertOptions:
     refine_lr: float = 1e-3  # Adam; the loss is in units of the relative error, so one rate suits every layer
     refine_batch: int = 4  # calibration sequences per step
     refine_params: Literal["latent", "attention"] = "latent"  # latent factors only, or also q_proj / o_proj
+    refine_device: str | None = None  # where the refinement runs; None: cuda when available, else cpu
     calibration_text: str | None = None  # plain text, or JSON lines with a text field; None: DEFAULT_CALIBRATION_TEXT
     calibration_text_field: str = "text"
     calibration_samples: int = 32
@@ -343,7 +344,8 @@ def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel,
     if opts.refine_steps > 0 and isinstance(layer, fmt.LatentLayer):
         tensors, fit = calib.refine_latent_layer(
             source, i, hidden, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
-            batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i)
+            batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i,
+            device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"))
         log.info("layer %d: attention output error %.4f -> %.4f (%d refinement steps, %.1f s)",
                  i, fit.error_before, fit.error_after, fit.steps, fit.seconds)
     return layer, tensors

@@ -89,6 +89,9 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
                    help="calibration sequences per step (default: %(default)s)")
     g.add_argument("--refine-params", choices=["latent", "attention"], default=defaults.refine_params,
                    help="latent: kv_a/k_b/v_b projections; attention: also q_proj and o_proj (default: %(default)s)")
+    g.add_argument("--refine-device", default=defaults.refine_device,
+                   help="torch device of the refinement, e.g. cuda:0 (default: cuda when available, else cpu; the "
+                        "closed forms run on the CPU in float64)")
     g = p.add_argument_group("calibration")
     g.add_argument("--calibration-text",
                    help="plain text or JSON lines used for statistics (default: the C4 sample shipped with latentkv)")
@@ -114,6 +117,7 @@ def options_from_args(args: argparse.Namespace):
         keep_layers=args.keep_layers, method=args.method, transkv_scale=args.transkv_scale, centred=args.centred, preconditioner=args.preconditioner, damping=args.damping,
         rank_allocation=args.rank_allocation, nope_scaling=args.nope_scaling, refine_steps=args.refine_steps,
         refine_lr=args.refine_lr, refine_batch=args.refine_batch, refine_params=args.refine_params,
+        refine_device=args.refine_device,
         calibration_text=args.calibration_text,
         calibration_text_field=args.text_field,
         calibration_samples=args.calibration_samples, calibration_seq_len=args.calibration_seq_len,
