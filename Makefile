@@ -17,9 +17,9 @@ install-test:
 	$(PYTHON) -m pip uninstall -y torchvision torchaudio torchcodec
 	bash scripts/install_chart_tools.sh
 
-# `python -m latentkv`, not the `latentkv` script: PYTHON may be a virtualenv that is not activated.
+# `python -m converters` (the `latentkv` command), not the script: PYTHON may be a virtualenv that is not activated.
 demo: install
-	$(PYTHON) -m latentkv demo
+	$(PYTHON) -m converters demo
 
 test: install-test
 	$(PYTHON) -m pytest

@@ -79,7 +79,7 @@ def measure(code: str) -> tuple[float, float]:
 
 def cli_run(src: Path, out: Path, args: str) -> str:
     argv = ["convert", str(src), str(out), *args.split()]
-    return f"from latentkv.cli import main; assert main({argv!r}) == 0"
+    return f"from converters.cli import main; assert main({argv!r}) == 0"
 
 
 def calibrated_run(src: Path, out: Path, samples: int, seq_len: int) -> str:

@@ -29,7 +29,7 @@ METHODS = {
 def story_ids(model_dir: Path) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    from latentkv.cli import DATA
+    from converters.cli import DATA
     from latentkv.text import load_eval_windows
 
     windows = load_eval_windows(DATA / "text" / "tinystories_sample.txt", AutoTokenizer.from_pretrained(model_dir), 512)
@@ -58,7 +58,7 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from converters.convert import ConvertOptions, convert
     from converters.importers.llama2c import import_llama2c, packaged_stories260k
-    from latentkv.cli import DATA
+    from converters.cli import DATA
 
     t0 = time.perf_counter()
     rows = []

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import latentkv.modeling  # noqa: F401
 from converters.convert import ConvertOptions, convert
 from converters.importers.llama2c import import_llama2c, packaged_stories260k
-from latentkv.cli import DATA
+from converters.cli import DATA
 from latentkv.evaluate import perplexity
 from latentkv.text import load_calibration_samples, load_eval_windows
 

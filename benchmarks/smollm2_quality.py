@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
-from latentkv.cli import WIKITEXT
+from converters.cli import WIKITEXT
 from latentkv.evaluate import nll_sum
 from latentkv.text import load_eval_windows
 

@@ -10,7 +10,7 @@ activations) or the *converted* one (later layers see, and compensate for, earli
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +22,7 @@ from converters.math.nope_scaling import fit_nope_scales, kept_projection_partia
 from converters.math.rope_selection import pair_covariance
 from converters.math.stats import InputStats
 from latentkv import format as fmt
+from latentkv.attention import rms_norm
 from latentkv.modeling import DecoderLayer, HeadAttention, LatentAttention, LatentKVConfig
 
 
@@ -34,12 +35,6 @@ class AttentionStats:
     k_pair_norms: torch.Tensor  # [G, n_f]
     key_pair_cov: torch.Tensor  # [n_f, G, G] sum a_i a_i^T + b_i b_i^T over tokens
     tokens: int = 0
-    extra: dict = field(default_factory=dict)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    x32 = x.float()
-    return weight.float() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def head_projections(x: torch.Tensor, src: AttentionWeights, dims: fmt.ModelDims, eps: float):
@@ -50,8 +45,20 @@ def head_projections(x: torch.Tensor, src: AttentionWeights, dims: fmt.ModelDims
     k = (x @ src.wk.float().T + bias(src.bk)).view(-1, G, d_h)
     v = (x @ src.wv.float().T + bias(src.bv)).view(-1, G, d_h)
     if src.q_norm is not None:
-        q, k = rms_norm(q, src.q_norm, eps), rms_norm(k, src.k_norm, eps)
+        q, k = rms_norm(q, src.q_norm.float(), eps), rms_norm(k, src.k_norm.float(), eps)
     return q, k, v
+
+
+def attention_inputs(source: SourceModel, i: int, hidden: torch.Tensor, src: AttentionWeights, chunk: int = 8):
+    """The one calibration loop: layer i's attention inputs over the calibration hidden states [N, L, D],
+    ``chunk`` sequences at a time. Yields (x [n, D] normed, q [n, H, d_h], k [n, G, d_h], v [n, G, d_h]
+    (q/k-normed, before RoPE), positions [n] of each token in its sequence)."""
+    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        h = hidden[start : start + chunk]
+        x = rms_norm(h.float(), norm_w, source.rms_norm_eps).flatten(0, 1)  # [n, D]
+        q, k, v = head_projections(x, src, source.dims, source.rms_norm_eps)
+        yield x, q, k, v, torch.arange(h.shape[1]).repeat(h.shape[0])
 
 
 def source_layer_module(source: SourceModel, i: int, dtype=torch.float32) -> DecoderLayer:
@@ -150,16 +157,13 @@ def attention_stats(source: SourceModel, i: int, hidden: torch.Tensor, src: Atte
     dims = source.dims
     H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
     n_f = d_h // 2
-    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
     inputs = InputStats.zeros(dims.hidden_size)
     q_norms = torch.zeros(H, n_f, dtype=torch.float64)
     k_norms = torch.zeros(G, n_f, dtype=torch.float64)
     cov = torch.zeros(n_f, G, G, dtype=torch.float64)
     n = 0
-    for start in range(0, hidden.shape[0], chunk):
-        x = rms_norm(hidden[start : start + chunk], norm_w, source.rms_norm_eps).flatten(0, 1)  # [n, D]
+    for x, q, k, _, _ in attention_inputs(source, i, hidden, src, chunk):
         inputs.update(x)
-        q, k, _ = head_projections(x, src, dims, source.rms_norm_eps)
         q_norms += _pair_norms(q).sum(0)
         k_norms += _pair_norms(k).sum(0)
         cov += pair_covariance(k)
@@ -175,11 +179,8 @@ def nope_scales(source: SourceModel, i: int, hidden: torch.Tensor, src: Attentio
     """Layer i's NoPE scales [n_f] (``converters.math.nope_scaling``) for the pairs / components
     ``plan`` keeps, fitted on the source layer's attention over the first calibration sequences."""
     dims = source.dims
-    n_f, N = dims.head_dim // 2, min(NOPE_FIT_SEQUENCES, hidden.shape[0])
-    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
-    x = rms_norm(hidden[:N], norm_w, source.rms_norm_eps)
-    q, k, v = head_projections(x.flatten(0, 1), src, dims, source.rms_norm_eps)
-    L = x.shape[1]
+    n_f, N, L = dims.head_dim // 2, min(NOPE_FIT_SEQUENCES, hidden.shape[0]), hidden.shape[1]
+    _, q, k, v, _ = next(attention_inputs(source, i, hidden[:N], src, chunk=N))
     kept = (kept_projection_shared(plan.rotation, plan.components) if plan.rope_mode == "shared"
             else kept_projection_partial(plan.pairs, n_f))
     return fit_nope_scales(q.view(N, L, *q.shape[1:]), k.view(N, L, *k.shape[1:]), v.view(N, L, *v.shape[1:]),

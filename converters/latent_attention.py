@@ -26,11 +26,11 @@ from converters.math.nope_scaling import kept_projection_shared
 from latentkv import format as fmt
 from latentkv.rope import pair_dims
 
-# (blocks to compress, rank, role) -> (A [rank, D], up-projection of each block)
-Factorizer = Callable[[list[torch.Tensor], int, str], tuple[torch.Tensor, list[torch.Tensor]]]
+# (blocks to compress, rank, role "kv" | "k" | "v", latent group) -> (A [rank, D], up-projection of each block)
+Factorizer = Callable[[list[torch.Tensor], int, str, int], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
-def plain_svd(blocks: list[torch.Tensor], rank: int, role: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def plain_svd(blocks: list[torch.Tensor], rank: int, role: str, group: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return joint_factors(blocks, rank)
 
 
@@ -47,8 +47,20 @@ class LatentPlan:
     rotation: torch.Tensor | None = None  # shared: U [n_f, G, G]
     components: list[tuple[int, int]] | None = None  # shared: kept (pair, component)
     nope_scale: torch.Tensor | None = None  # [n_f]: factor of each pair's NoPE'd key part (math/nope_scaling.py)
-    softmax_scale: float | None = None
     hadamard: bool = False  # rotate the latent by a block Hadamard (better INT4 caches, same model)
+
+
+@dataclass
+class ModeParts:
+    """What a RoPE mode makes of the source attention before the latent is factorised."""
+
+    direct: dict[str, torch.Tensor]  # tensors taken as they are (queries, q/k norms), by name
+    d_n: int  # NoPE dims per head
+    rope_pairs: list[list[int]]  # the format's rope_pairs
+    wk_rope: torch.Tensor  # [R_H R_D, D] rope key rows (cached, not compressed)
+    bk_rope: torch.Tensor | None
+    wk_nope: torch.Tensor  # [G d_n, D] the key rows the latent compresses
+    bk_nope: torch.Tensor | None
 
 
 def _rows(w: torch.Tensor | None, heads: int, dims_per_head: list[list[int]], d_h: int) -> torch.Tensor | None:
@@ -72,19 +84,19 @@ def build_latent_layer(
     the factorisation, b^ = b + (W - B A) mu (LatentLLM eq. 43): the layer is exact on the mean input.
     """
     parts = _mode_parts(src, plan, dims)
-    tensors = dict(parts.pop("direct"))
-    latent_a, k_b, v_b = _factorize_kv(parts["wk_nope"], src.wv, plan, dims, factorize)
-    d_n = parts["d_n"]
+    tensors = dict(parts.direct)
+    latent_a, k_b, v_b = _factorize_kv(parts.wk_nope, src.wv, plan, dims, factorize)
+    d_n = parts.d_n
     layer = fmt.LatentLayer(
         rope_mode=plan.rope_mode,
-        rope_pairs=parts["rope_pairs"],
+        rope_pairs=parts.rope_pairs,
         qk_nope_head_dim=d_n,
         latent=fmt.LatentRanks(joint=plan.joint, k_rank=plan.k_rank if d_n else (plan.v_rank if plan.joint else 0), v_rank=plan.v_rank, groups=plan.groups),
-        softmax_scale=plan.softmax_scale or fmt.default_softmax_scale(dims.head_dim),
+        softmax_scale=fmt.default_softmax_scale(dims.head_dim),
     )
     if plan.hadamard:
         latent_a, k_b, v_b = _rotate_latent(latent_a, k_b, v_b, layer.latent)
-    tensors["kv_a_proj.weight"] = torch.cat([latent_a, parts["wk_rope"]], dim=0)
+    tensors["kv_a_proj.weight"] = torch.cat([latent_a, parts.wk_rope], dim=0)
     if d_n:
         tensors["k_b_proj.weight"] = k_b
     tensors["v_b_proj.weight"] = v_b
@@ -92,18 +104,18 @@ def build_latent_layer(
     if src.bq is not None or src.bk is not None or src.bv is not None or input_mean is not None:
         zeros = lambda n: torch.zeros(n, dtype=torch.float64)  # noqa: E731
         G, d_h = dims.num_key_value_heads, dims.head_dim
-        rope_bias = parts["bk_rope"] if parts["bk_rope"] is not None else zeros(parts["wk_rope"].shape[0])
+        rope_bias = parts.bk_rope if parts.bk_rope is not None else zeros(parts.wk_rope.shape[0])
         tensors["kv_a_proj.bias"] = torch.cat([zeros(latent_a.shape[0]), rope_bias])
         if "q_proj.bias" not in tensors:
             tensors["q_proj.bias"] = zeros(tensors["q_proj.weight"].shape[0])
         bv = src.bv if src.bv is not None else zeros(G * d_h)
-        bk = parts["bk_nope"] if parts["bk_nope"] is not None else zeros(G * d_n)
+        bk = parts.bk_nope if parts.bk_nope is not None else zeros(G * d_n)
         if input_mean is not None:  # eq. 43, per up-projection
             lat = layer.latent
             mu = input_mean.to(torch.float64)
             bv = bv + (src.wv - _reconstruct(latent_a[lat.v_slice], v_b, G, lat.groups)) @ mu
             if d_n:
-                bk = bk + (parts["wk_nope"] - _reconstruct(latent_a[lat.k_slice], k_b, G, lat.groups)) @ mu
+                bk = bk + (parts.wk_nope - _reconstruct(latent_a[lat.k_slice], k_b, G, lat.groups)) @ mu
         tensors["v_b_proj.bias"] = bv
         if d_n:
             tensors["k_b_proj.bias"] = bk
@@ -136,10 +148,10 @@ def _reconstruct(a: torch.Tensor, up: torch.Tensor, G: int, n_grp: int) -> torch
 
 def compressed_blocks(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> tuple[torch.Tensor, torch.Tensor]:
     """(W_k,nope [G d_n, D], W_v [G d_h, D]): the weights the latent of this RoPE mode compresses."""
-    return _mode_parts(src, plan, dims)["wk_nope"], src.wv
+    return _mode_parts(src, plan, dims).wk_nope, src.wv
 
 
-def _mode_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> dict:
+def _mode_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> ModeParts:
     builders = {"partial": _partial_parts, "shared": _shared_parts, "full": _full_parts}
     return builders[plan.rope_mode](src, plan, dims)
 
@@ -159,17 +171,17 @@ def _factorize_kv(wk_nope, wv, plan: LatentPlan, dims: fmt.ModelDims, factorize:
     for j in range(n_grp):
         if plan.joint:
             blocks = [k_groups[j], v_groups[j]] if d_n else [v_groups[j]]
-            A, ups = factorize(blocks, plan.v_rank // n_grp, "kv")
+            A, ups = factorize(blocks, plan.v_rank // n_grp, "kv", j)
             a_v.append(A)
             if d_n:
                 b_k.append(ups[0])
             b_v.append(ups[-1])
         else:
             if d_n:
-                A, (up,) = factorize([k_groups[j]], plan.k_rank // n_grp, "k")
+                A, (up,) = factorize([k_groups[j]], plan.k_rank // n_grp, "k", j)
                 a_k.append(A)
                 b_k.append(up)
-            A, (up,) = factorize([v_groups[j]], plan.v_rank // n_grp, "v")
+            A, (up,) = factorize([v_groups[j]], plan.v_rank // n_grp, "v", j)
             a_v.append(A)
             b_v.append(up)
     latent_a = torch.cat(a_k + a_v, dim=0)
@@ -186,7 +198,7 @@ def _norm_rows(norm: torch.Tensor | None, order: list[list[int]]) -> torch.Tenso
     return torch.stack([norm[o] for o in order])
 
 
-def _partial_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> dict:
+def _partial_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> ModeParts:
     H, G, d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
     n_f = d_h // 2
     kept = [pair_dims(p, n_f) for p in plan.pairs]  # rope dims of each KV head, half-split order
@@ -204,18 +216,12 @@ def _partial_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims)
         alpha = plan.nope_scale[torch.tensor([d % n_f for n in nope for d in n])]
         wk_nope = (wk_nope.double() * alpha[:, None]).to(wk_nope.dtype)
         bk_nope = (bk_nope.double() * alpha).to(bk_nope.dtype) if bk_nope is not None else None
-    return {
-        "direct": direct,
-        "d_n": d_h - len(kept[0]),
-        "rope_pairs": [list(p) for p in plan.pairs],
-        "wk_rope": _rows(src.wk, G, kept, d_h),
-        "bk_rope": _rows(src.bk, G, kept, d_h),
-        "wk_nope": wk_nope,
-        "bk_nope": bk_nope,
-    }
+    return ModeParts(direct=direct, d_n=d_h - len(kept[0]), rope_pairs=[list(p) for p in plan.pairs],
+                     wk_rope=_rows(src.wk, G, kept, d_h), bk_rope=_rows(src.bk, G, kept, d_h),
+                     wk_nope=wk_nope, bk_nope=bk_nope)
 
 
-def _shared_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> dict:
+def _shared_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> ModeParts:
     H, G, d_h, D = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.hidden_size
     n_f = d_h // 2
     U = plan.rotation.to(torch.float64)  # [n_f, G, G]
@@ -251,13 +257,11 @@ def _shared_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) 
         bk = per_head(src.bk, G)
         bk_rope = torch.einsum("kg,gck->ck", u, bk[:, :, pairs]).reshape(-1)
         bk_nope = torch.einsum("igh,hci->gci", residual, bk).reshape(-1)
-    return {
-        "direct": direct, "d_n": d_h, "rope_pairs": [[i for i, _ in comps]],
-        "wk_rope": wk_rope, "bk_rope": bk_rope, "wk_nope": wk_nope, "bk_nope": bk_nope,
-    }
+    return ModeParts(direct=direct, d_n=d_h, rope_pairs=[[i for i, _ in comps]],
+                     wk_rope=wk_rope, bk_rope=bk_rope, wk_nope=wk_nope, bk_nope=bk_nope)
 
 
-def _full_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> dict:
+def _full_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) -> ModeParts:
     G, d_h = dims.num_key_value_heads, dims.head_dim
     direct = {"q_proj.weight": src.wq}
     if src.bq is not None:
@@ -265,11 +269,8 @@ def _full_parts(src: AttentionWeights, plan: LatentPlan, dims: fmt.ModelDims) ->
     if src.q_norm is not None:
         direct["q_norm.weight"] = src.q_norm.expand(G, d_h).clone()
         direct["k_norm.weight"] = src.k_norm.expand(G, d_h).clone()
-    return {
-        "direct": direct, "d_n": d_h, "rope_pairs": [],
-        "wk_rope": src.wk.new_zeros(0, src.wk.shape[1]), "bk_rope": None,
-        "wk_nope": src.wk, "bk_nope": src.bk,
-    }
+    return ModeParts(direct=direct, d_n=d_h, rope_pairs=[], wk_rope=src.wk.new_zeros(0, src.wk.shape[1]),
+                     bk_rope=None, wk_nope=src.wk, bk_nope=src.bk)
 
 
 def source_layer_tensors(src: AttentionWeights) -> dict[str, torch.Tensor]:

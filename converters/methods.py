@@ -7,10 +7,9 @@
                 query rows that pair with the compressed key dims), value latent by the
                 output-aware joint V/O decomposition with o_proj (LatentLLM eq. 10-16)
 
-A ``Factorizer`` is called by ``latent_attention._factorize_kv`` once per latent group and role, in
-group order (for each group: "k" then "v" when split, "kv" when joint).  The latentllm factorizer
-counts its calls per role to know which group (which KV heads, query heads and o_proj columns) a
-block belongs to.
+A ``Factorizer`` is called by ``latent_attention._factorize_kv`` once per latent group and role
+("k" then "v" when split, "kv" when joint) with the group's index, from which the latentllm
+factorizer takes the group's query heads and o_proj columns.
 
 Also here: per-layer latent widths from the rank allocation (uniform / LoRC / error budget).
 """
@@ -33,9 +32,6 @@ if TYPE_CHECKING:
     from converters.calibration import AttentionStats
     from converters.importers.hf import AttentionWeights
 
-METHODS = ("svd", "activation", "latentllm", "transkv")
-PRECONDITIONERS = ("identity", "diag_hessian", "diag_l1", "diag_l2", "covariance", "root_covariance")
-RANK_ALLOCATIONS = ("uniform", "lorc", "budgeted")
 METHOD_NAMES = {"svd": "mha2mla", "activation": "mha2mla+activation-svd", "latentllm": "mha2mla+latentllm", "transkv": "transkv"}
 
 
@@ -52,7 +48,7 @@ def activation_factorizer(stats: "AttentionStats", kind: str, damping: float, ce
     """
     cache: dict = {}
 
-    def factorize(blocks: list[torch.Tensor], rank: int, role: str):
+    def factorize(blocks: list[torch.Tensor], rank: int, role: str, group: int):
         if "P" not in cache:
             cache["P"] = _precond(kind, stats, damping, centred)
         P, P_inv = cache["P"]
@@ -89,32 +85,27 @@ def latentllm_factorizer(
     per, q_per = G // n_grp, H // n_grp
     wq, bq = nope_query_rows(src, plan, dims)
     d_q = wq.shape[0] // H
-    calls = {"k": 0, "v": 0}
 
-    def key(block, rank):
+    def key(block, rank, j):  # latent group j: KV heads [j per, (j + 1) per), their query heads
         if rank > min(block.shape):
             raise ValueError(f"rank {rank} is impossible for a [{block.shape[0]}, {block.shape[1]}] key block (max {min(block.shape)})")
-        j = calls["k"]
-        calls["k"] += 1
         wq_j = wq[j * q_per * d_q : (j + 1) * q_per * d_q]
         bq_j = bq[j * q_per * d_q : (j + 1) * q_per * d_q] if bq is not None else None
         res = attention_aware_key_latent(wq_j, block, stats.inputs, rank, num_kv_heads=per, damping=damping,
                                          b_q=bq_j, sqrt_method="cholesky")
         return res.A_k, [res.B_k]
 
-    def value(block, rank):
-        j = calls["v"]
-        calls["v"] += 1
+    def value(block, rank, j):
         wo_j = src.wo[:, j * q_per * d_h : (j + 1) * q_per * d_h]
         res = output_aware_value_latent(block, wo_j, stats.inputs, rank, num_kv_heads=per, damping=damping,
                                         sqrt_method="cholesky")
         return res.A_v, [res.B_v]
 
-    def factorize(blocks: list[torch.Tensor], rank: int, role: str):
+    def factorize(blocks: list[torch.Tensor], rank: int, role: str, group: int):
         if role == "k":
-            return key(blocks[0], rank)
+            return key(blocks[0], rank, group)
         if role == "v" or (role == "kv" and len(blocks) == 1):  # no NoPE key dims left: values only
-            return value(blocks[0], rank)
+            return value(blocks[0], rank, group)
         raise ValueError("latentllm builds split latents (key and value latents); use svd='split'")
 
     return factorize
@@ -130,7 +121,7 @@ def make_factorizer(opts, stats, src, plan: LatentPlan, dims: fmt.ModelDims) -> 
         return activation_factorizer(stats, opts.preconditioner, opts.damping, opts.centred)
     if opts.method == "latentllm":
         return latentllm_factorizer(stats, src, plan, dims, opts.damping)
-    raise ValueError(f"unknown method {opts.method!r}; choose one of {', '.join(METHODS)}")
+    raise ValueError(f"method {opts.method!r} has no factorizer (transkv builds reduced heads instead)")
 
 
 def method_info(opts, params: dict) -> fmt.MethodInfo:

@@ -20,21 +20,15 @@ from latentkv.rope import rotate
 @torch.no_grad()
 def kv_head_autocorrelation(source: SourceModel, i: int, hidden: torch.Tensor, src: AttentionWeights, chunk: int = 8):
     """(C_K, C_V), each [G, d_h, d_h]: mean outer products of rotated keys and of values per KV head."""
-    from converters.calibration import head_projections, rms_norm
+    from converters.calibration import attention_inputs
 
     dims = source.dims
     G, d_h = dims.num_key_value_heads, dims.head_dim
-    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
     Ck = torch.zeros(G, d_h, d_h, dtype=torch.float64)
     Cv = torch.zeros(G, d_h, d_h, dtype=torch.float64)
     n = 0
-    for start in range(0, hidden.shape[0], chunk):
-        h = hidden[start : start + chunk]
-        B, L, _ = h.shape
-        x = rms_norm(h, norm_w, source.rms_norm_eps).flatten(0, 1)  # [B L, D]
-        _, k, v = head_projections(x, src, dims, source.rms_norm_eps)
-        positions = torch.arange(L).repeat(B)[:, None]  # [B L, 1]: each token's position in its sequence
-        k = rotate(k[:, None], positions, source.inv_freq)[:, 0]  # RoPE(k): [B L, G, d_h]
+    for _, _, k, v, positions in attention_inputs(source, i, hidden, src, chunk):
+        k = rotate(k, positions, source.inv_freq)  # RoPE(k) at each token's position in its sequence: [n, G, d_h]
         k, v = k.double(), v.double()
         Ck += torch.einsum("ngi,ngj->gij", k, k)
         Cv += torch.einsum("ngi,ngj->gij", v, v)

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-__all__ = ["perplexity", "nll_sum", "greedy_generate"]
+__all__ = ["perplexity", "nll_sum", "greedy_generate", "load_model", "evaluate_perplexity", "generate_text", "chat_answers"]
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -119,3 +120,53 @@ def greedy_generate(
         if int(nxt) in stop:
             break
     return ids
+
+
+# ---- whole checkpoints (the command line's eval and demo) ----------------------------------------
+
+def load_model(model_dir: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def evaluate_perplexity(model_dir: str | Path, text: str | Path, seq_len: int, max_windows: int | None, batch_size: int,
+                        text_field: str = "text", windows: str = "raw") -> tuple[float, int]:
+    """(perplexity, tokens scored) of a model on a text, windows as ``latentkv.text`` defines them."""
+    from latentkv.text import check_tokenizer_matches, load_eval_windows
+
+    model, tokenizer = load_model(model_dir)
+    check_tokenizer_matches(tokenizer, model.config)
+    wins = load_eval_windows(text, tokenizer, seq_len, max_windows=max_windows, mode=windows, text_field=text_field)
+    total, count = nll_sum(model, wins, batch_size=batch_size)
+    return math.exp(total / count), count
+
+
+def generate_text(model_dir: str | Path, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation through the model's own cache (the latent cache for latentkv models)."""
+    import torch
+
+    model, tokenizer = load_model(model_dir)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def chat_answers(model_dir: str | Path, question: str, max_new_tokens: int) -> tuple[str, str]:
+    """Greedy chat answers (with the model's cache, without any cache): equal when the cache is right."""
+    import torch
+
+    model, tokenizer = load_model(model_dir)
+    messages = [{"role": "user", "content": question}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    answers = []
+    for use_cache in (True, False):
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=use_cache)
+        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers[0], answers[1]

@@ -45,8 +45,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 FORMAT_VERSION = 1
 MODEL_TYPE = "latentkv"
 ARCHITECTURE = "LatentKVForCausalLM"
-SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CACHE_DTYPES = ("auto", "int4")
+# The source architectures a checkpoint can be converted from, with their model types: the one list.
+SOURCE_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SourceType = Literal[tuple(dict.fromkeys(SOURCE_ARCHITECTURES.values()))]  # type: ignore[valid-type]
 
 
 class FormatError(ValueError):
@@ -59,7 +65,7 @@ class _Strict(BaseModel):
 
 class SourceInfo(_Strict):
     architecture: str
-    model_type: Literal["llama", "mistral", "qwen2", "qwen3"]
+    model_type: SourceType
     name: str = ""
 
 

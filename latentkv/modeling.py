@@ -36,9 +36,9 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from latentkv import attention as attn
 from latentkv import format as fmt
 from latentkv import int4
-from latentkv.rope import rotate
 
 AttnPath = Literal["auto", "expand", "absorb"]
 
@@ -173,30 +173,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return attn.rms_norm(x, self.weight, self.eps)
 
 
-class GroupedRMSNorm(nn.Module):
-    """Per-head RMSNorm whose gain differs per KV head: x [B, T, heads, d], heads a multiple of G."""
+class Gains(nn.Module):
+    """Per-KV-head RMSNorm gains ``weight`` [G, d_h] of a latent layer's q/k norms (applied by
+    ``latentkv.attention``, which knows which head reads which row)."""
 
-    def __init__(self, groups: int, dim: int, eps: float):
+    def __init__(self, groups: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(groups, dim))
-        self.eps = eps
-
-    def gain(self, heads: int) -> torch.Tensor:
-        return self.weight.repeat_interleave(heads // self.weight.shape[0], dim=0)  # [heads, d]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.gain(x.shape[-2]) * (x.float() * rms_scale(x, self.eps)[..., None])).to(x.dtype)
-
-
-def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """1 / rms(x) over the last dim, in float32: x [..., d] -> [...]."""
-    return torch.rsqrt(x.float().pow(2).mean(-1) + eps)
 
 
 class MLP(nn.Module):
@@ -211,43 +197,17 @@ class MLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, key_padding: torch.Tensor | None) -> torch.Tensor:
-    """Boolean [B, 1, T, S] mask: query at position p sees cached keys at positions <= p."""
-    mask = k_pos[:, None, None, :] <= q_pos[:, None, :, None]
-    if key_padding is not None:
-        mask = mask & key_padding[:, None, None, :].bool()
-    return mask
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """softmax(scale q k^T) v with GQA: q [B, H, T, d], k [B, G, S, d], v [B, G, S, d_v] -> [B, H, T, d_v].
-
-    ``mask`` [B, 1, T, S] (True = visible), or None for plain causal attention over T == S
-    tokens (the fused kernel's fast path). Rows that see no key give 0 (left padding), as in
-    :func:`softmax_attention`.
-    """
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-    return torch.nan_to_num(o, nan=0.0) if mask is not None else o
-
-
 def sdpa_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, key_padding: torch.Tensor | None, cache) -> torch.Tensor | None:
-    """The mask for :func:`sdpa_attention`: None (causal fast path) for a whole uncached, unpadded
-    sequence from position 0, else :func:`causal_mask`."""
+    """The mask for :func:`latentkv.attention.sdpa_attention`: None (causal fast path) for a whole
+    uncached, unpadded sequence from position 0, else :func:`latentkv.attention.causal_mask`."""
     T = q_pos.shape[1]
     if cache is None and key_padding is None and bool((q_pos == torch.arange(T, device=q_pos.device)).all()):
         return None
-    return causal_mask(q_pos, k_pos, key_padding)
-
-
-def softmax_attention(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """scores [B, H, T, S] (already scaled) -> probabilities in float32 (fully masked rows give 0)."""
-    scores = scores.float().masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    return attn.causal_mask(q_pos, k_pos, key_padding)
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention, one class per layer kind
+# Attention, one class per layer kind; the math is latentkv.attention's
 # ---------------------------------------------------------------------------------------------
 
 class LatentAttention(nn.Module):
@@ -258,163 +218,57 @@ class LatentAttention(nn.Module):
         dims = config.dims
         self.layer, self.layer_idx = layer, layer_idx
         self.H, self.G, self.d_h = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim
-        self.d_n, self.R_H, self.R_D = layer.qk_nope_head_dim, layer.num_rope_heads, layer.rope_head_dim
-        lat = layer.latent
-        self.W, self.n_grp = lat.width, lat.groups
-        self.eps = config.rms_norm_eps
-        self.key_scale = fmt.caches_key_scale(layer, spec)
+        self.W = layer.latent.width
         self.int4_group = spec.int4_group_size if spec.cache_dtype == "int4" else None
-        bias = spec.attention_bias
-        D = dims.hidden_size
-        self.q_proj = nn.Linear(D, self.H * (self.d_n + self.R_D), bias=bias)
-        self.kv_a_proj = nn.Linear(D, self.W + self.R_H * self.R_D, bias=bias)
-        self.k_b_proj = nn.Linear(lat.k_rank // lat.groups, self.G * self.d_n, bias=bias) if self.d_n else None
+        # Index maps and RoPE tables: plain attributes, not buffers (transformers re-creates
+        # non-persistent buffers empty when it loads on the meta device; these come from the config).
+        self._heads = {"cpu": attn.LatentHeads.of(layer, spec, dims, config.rms_norm_eps)}
+        h = self._heads["cpu"]
+        bias, D, lat = spec.attention_bias, dims.hidden_size, layer.latent
+        self.q_proj = nn.Linear(D, self.H * (h.d_n + h.R_D), bias=bias)
+        self.kv_a_proj = nn.Linear(D, self.W + h.R_H * h.R_D, bias=bias)
+        self.k_b_proj = nn.Linear(lat.k_rank // lat.groups, self.G * h.d_n, bias=bias) if h.d_n else None
         self.v_b_proj = nn.Linear(lat.v_rank // lat.groups, self.G * self.d_h, bias=bias)
         self.o_proj = nn.Linear(self.H * self.d_h, D, bias=False)
-        self.q_norm = GroupedRMSNorm(self.G, self.d_h, self.eps) if spec.qk_norm else None
-        self.k_norm = GroupedRMSNorm(self.G, self.d_h, self.eps) if spec.qk_norm else None
-        freqs = spec.rope_inv_freq
-        # Frequencies of each rope head's pairs [R_H, R_D/2]; full mode rotates whole heads.
-        rope_freqs = [[freqs[i] for i in pairs] for pairs in layer.rope_pairs] if self.R_H else [freqs]
-        # Plain attributes, not buffers: transformers re-creates non-persistent buffers empty when
-        # it loads on the meta device, and these tables come from the config, not the weights.
-        self.rope_freqs = torch.tensor(rope_freqs, dtype=torch.float64, device="cpu")
-        self.source_freqs = torch.tensor(freqs, dtype=torch.float64, device="cpu")
+        self.q_norm = Gains(self.G, self.d_h) if spec.qk_norm else None
+        self.k_norm = Gains(self.G, self.d_h) if spec.qk_norm else None
 
-    # -- per-head views of the up-projections -------------------------------------------------
-    def _chunks(self, c: torch.Tensor, part: slice) -> torch.Tensor:
-        """Latent part -> per-KV-head chunk it feeds: c [B, S, W] -> [B, S, G, r / n_grp]."""
-        c = c[..., part]
-        c = c.unflatten(-1, (self.n_grp, -1))  # [B, S, n_grp, r/n_grp]
-        return c.repeat_interleave(self.G // self.n_grp, dim=2)
+    def heads(self, device: torch.device) -> attn.LatentHeads:
+        key = str(device)
+        if key not in self._heads:
+            self._heads[key] = self._heads["cpu"].to(device)
+        return self._heads[key]
 
-    def _up(self, proj: nn.Linear, c_heads: torch.Tensor, out_dim: int) -> torch.Tensor:
-        """Per-KV-head up-projection: c_heads [B, S, G, r'] -> [B, S, G, out_dim]."""
-        w = proj.weight.view(self.G, out_dim, -1)  # [G, out, r']
-        y = torch.einsum("bsgr,gor->bsgo", c_heads, w)
-        if proj.bias is not None:
-            y = y + proj.bias.view(self.G, out_dim)
-        return y
+    def weights(self) -> attn.LatentWeights:
+        """This step's view of the parameters (no copies: refinement and healing train through it)."""
+        k_gain = self.k_norm.weight if self.k_norm is not None else None
+        return attn.LatentWeights.of(
+            self.G, self.layer.qk_nope_head_dim, self.d_h, self.k_b_proj, self.v_b_proj,
+            q_gain=self.q_norm.weight if self.q_norm is not None else None,
+            k_gain=k_gain, rope_k_gain=k_gain if self.layer.num_rope_heads else None,
+        )
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """KV-head tensor [B, S, G, ...] -> query-head tensor [B, S, H, ...] (GQA sharing)."""
-        return x.repeat_interleave(self.H // self.G, dim=2)
-
-    def _per_query_head(self, w: torch.Tensor) -> torch.Tensor:
-        """Per-KV-head weights [G, ...] -> [H, ...]."""
-        return w.repeat_interleave(self.H // self.G, dim=0)
-
-    def _rope_slots(self, k_rope: torch.Tensor) -> torch.Tensor:
-        """Rope key heads [B, S, R_H, R_D] -> the slot each query head reads [B, S, H, R_D]."""
-        return k_rope.repeat_interleave(self.H // self.R_H, dim=2)
-
-    # -- forward --------------------------------------------------------------------------------
     def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.d_n + self.R_D)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        q_nope, q_rope = q.split((self.d_n, self.R_D), dim=-1)
-        kv = self.kv_a_proj(x)
-        c, k_rope = kv.split((self.W, self.R_H * self.R_D), dim=-1)
+        heads, w = self.heads(x.device), self.weights()
+        q_nope, q_rope = attn.queries(self.q_proj(x).view(B, T, self.H, -1), positions, heads, w)
+        c, k_rope = self.kv_a_proj(x).split((self.W, heads.R_H * heads.R_D), dim=-1)
         new = {"latent": c}
-        if self.R_H:
-            k_rope, scale = self._new_rope_keys(c, k_rope.view(B, T, self.R_H, self.R_D), positions)
-            new["rope"] = k_rope
+        if heads.R_H:
+            k_rope, scale = attn.new_rope_keys(c, k_rope.view(B, T, heads.R_H, heads.R_D), positions, heads, w)
+            new["rope"] = k_rope.to(x.dtype)
             if scale is not None:
                 new["key_scale"] = scale
-            q_rope = rotate(q_rope, positions, self.rope_freqs.repeat_interleave(self.H // self.R_H, dim=0))
         if self.int4_group:  # the checkpoint asks for an INT4 latent cache: attend to what it holds
             new = int4.as_cached(new, self.int4_group)
         entries = cache.append(positions, **new) if cache is not None else new
         k_pos = cache.positions if cache is not None else positions
-        if self.layer.rope_mode == "full":
-            q_nope = rotate(q_nope, positions, self.source_freqs)
-        use_absorb = path == "absorb" or (path == "auto" and T == 1 and cache is not None)
-        if use_absorb:
-            o = self._absorbed(q_nope, q_rope, entries, k_pos, causal_mask(positions, k_pos, key_padding))
+        cached = (entries["latent"], entries.get("rope"), entries.get("key_scale"), k_pos)
+        if path == "absorb" or (path == "auto" and T == 1 and cache is not None):
+            o = attn.absorbed_attention(q_nope, q_rope, *cached, attn.causal_mask(positions, k_pos, key_padding), heads, w)
         else:
-            o = self._expanded(q_nope, q_rope, entries, k_pos, sdpa_mask(positions, k_pos, key_padding, cache))
-        # o: [B, T, H, d_h]
-        return self.o_proj(o.reshape(B, T, self.H * self.d_h))
-
-    def _new_rope_keys(self, c, k_rope, positions):
-        """Rope keys to cache (normalised and rotated) and, with a key norm, the key scales."""
-        scale = None
-        if self.k_norm is not None:
-            w = self.k_norm.weight  # [G, d_h]
-            if self.key_scale:
-                # 1/rms over the whole raw key [k_nope (rebuilt from c) | k_rope]: [B, T, G]
-                k_nope = self._up(self.k_b_proj, self._chunks(c, self.layer.latent.k_slice), self.d_n)
-                scale = rms_scale(torch.cat((k_nope, k_rope), dim=-1), self.eps)
-                k_rope = (w[:, self.d_n:] * (k_rope.float() * scale[..., None])).to(k_rope.dtype)
-            else:  # all pairs kept: the rope key is the whole key
-                k_rope = self.k_norm(k_rope)
-        return rotate(k_rope, positions, self.rope_freqs), scale
-
-    def _keys_nope(self, entries, k_pos) -> torch.Tensor:
-        """Rebuild per-KV-head NoPE (or, in full mode, rotated) keys of all cached tokens."""
-        k = self._up(self.k_b_proj, self._chunks(entries["latent"], self.layer.latent.k_slice), self.d_n)
-        if self.k_norm is not None:
-            if self.key_scale:
-                k = (self.k_norm.weight[:, : self.d_n] * (k.float() * entries["key_scale"][..., None])).to(k.dtype)
-            else:
-                k = self.k_norm(k)
-        if self.layer.rope_mode == "full":
-            k = rotate(k, k_pos, self.source_freqs)
-        return k
-
-    def _expanded(self, q_nope, q_rope, entries, k_pos, mask):
-        """Prefill path: up-project the cached latents, then ordinary attention.
-
-        s = q_nope . k_nope + q_rope . k_rope is one dot product of the concatenations
-        [q_nope | q_rope] . [k_nope | k_rope], so this is plain GQA attention over KV-head keys of
-        width d_n + R_D, run by scaled_dot_product_attention (fused, differentiable).
-        """
-        q_parts, k_parts = [], []
-        if self.d_n:
-            q_parts.append(q_nope)
-            k_parts.append(self._keys_nope(entries, k_pos))  # [B, S, G, d_n]
-        if self.R_H:
-            q_parts.append(q_rope)
-            k_parts.append(entries["rope"].repeat_interleave(self.G // self.R_H, dim=2))  # rope head of each KV head
-        q = torch.cat(q_parts, dim=-1).float().transpose(1, 2)  # [B, H, T, d]
-        k = torch.cat(k_parts, dim=-1).float().transpose(1, 2)  # [B, G, S, d]
-        v = self._up(self.v_b_proj, self._chunks(entries["latent"], self.layer.latent.v_slice), self.d_h)
-        o = sdpa_attention(q, k, v.float().transpose(1, 2), mask, self.layer.softmax_scale)
-        return o.transpose(1, 2).to(q_rope.dtype)
-
-    def _absorbed(self, q_nope, q_rope, entries, k_pos, mask):
-        """Decode path (MHA2MLA App. B): scores and values in latent space."""
-        lat = self.layer.latent
-        c_k = self._heads(self._chunks(entries["latent"], lat.k_slice)).float()  # [B, S, H, r_k/n_grp]
-        scores = 0
-        if self.layer.rope_mode == "full":
-            k = self._heads(self._keys_nope(entries, k_pos))  # keys must be rebuilt: RoPE sits after W_uk
-            scores = torch.einsum("bthd,bshd->bhts", q_nope.float(), k.float())
-        elif self.d_n:
-            gain = self.k_norm.gain(self.H)[:, : self.d_n] if self.key_scale else 1.0
-            q = (q_nope * gain).float()
-            w_uk = self.k_b_proj.weight.view(self.G, self.d_n, -1).float()  # [G, d_n, r']
-            q_lat = torch.einsum("bthd,hdr->bthr", q, self._per_query_head(w_uk))  # q~ = W_uk^T q_nope
-            nope = torch.einsum("bthr,bshr->bhts", q_lat, c_k)
-            if self.k_b_proj.bias is not None:  # q . b_k: constant over keys unless scaled per key
-                b = self._per_query_head(self.k_b_proj.bias.view(self.G, self.d_n)).float()
-                nope = nope + torch.einsum("bthd,hd->bht", q, b)[..., None]
-            if self.key_scale:
-                nope = nope * self._heads(entries["key_scale"]).permute(0, 2, 1)[:, :, None, :]
-            scores = nope
-        if self.R_H:
-            k_rope = self._rope_slots(entries["rope"])
-            scores = scores + torch.einsum("bthd,bshd->bhts", q_rope.float(), k_rope.float())
-        probs = softmax_attention(scores * self.layer.softmax_scale, mask)
-        c_v = self._heads(self._chunks(entries["latent"], lat.v_slice)).float()
-        o_lat = torch.einsum("bhts,bshr->bthr", probs, c_v)  # sum_t p_t c_t
-        w_uv = self._per_query_head(self.v_b_proj.weight.view(self.G, self.d_h, -1)).float()
-        o = torch.einsum("bthr,hdr->bthd", o_lat, w_uv)  # W_uv applied after attention
-        if self.v_b_proj.bias is not None:
-            o = o + self._per_query_head(self.v_b_proj.bias.view(self.G, self.d_h)).float()
-        return o.to(q_rope.dtype)
+            o = attn.expanded_attention(q_nope, q_rope, *cached, sdpa_mask(positions, k_pos, key_padding, cache), heads, w)
+        return self.o_proj(o.to(x.dtype).reshape(B, T, self.H * self.d_h))
 
 
 class HeadAttention(nn.Module):
@@ -434,26 +288,25 @@ class HeadAttention(nn.Module):
         self.o_proj = nn.Linear(self.H * self.d_v, D, bias=False)
         if self.reduced:
             self.k_reduce = nn.Parameter(torch.zeros(self.G, self.d_h, layer.k_head_dim))
-        self.q_norm = RMSNorm(self.d_h, config.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(self.d_h, config.rms_norm_eps) if spec.qk_norm else None
+        self.eps = config.rms_norm_eps
+        self.q_norm = RMSNorm(self.d_h, self.eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.d_h, self.eps) if spec.qk_norm else None
         self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64, device="cpu")  # not a buffer, see LatentAttention
 
     def forward(self, x, positions, cache, key_padding, path):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.d_h)
-        k = self.k_proj(x).view(B, T, self.G, self.d_h)
+        q, k = attn.head_queries_keys(
+            self.q_proj(x).view(B, T, self.H, self.d_h), self.k_proj(x).view(B, T, self.G, self.d_h), positions,
+            self.source_freqs, self.eps, q_gain=self.q_norm.weight if self.q_norm is not None else None,
+            k_gain=self.k_norm.weight if self.k_norm is not None else None,
+            k_reduce=self.k_reduce if self.reduced else None,
+        )
         v = self.v_proj(x).view(B, T, self.G, self.d_v)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(q, positions, self.source_freqs), rotate(k, positions, self.source_freqs)
-        if self.reduced:  # TransKV: q' = P_K^T RoPE(q), k' = P_K^T RoPE(k), per KV group
-            k = torch.einsum("btgd,gdr->btgr", k, self.k_reduce)
-            q = torch.einsum("bthd,hdr->bthr", q, self.k_reduce.repeat_interleave(self.H // self.G, dim=0))
         entries = cache.append(positions, k=k, v=v) if cache is not None else {"k": k, "v": v}
         k_pos = cache.positions if cache is not None else positions
         k_all, v_all = (entries[n].float().transpose(1, 2) for n in ("k", "v"))  # [B, G, S, d]
-        o = sdpa_attention(q.float().transpose(1, 2), k_all, v_all, sdpa_mask(positions, k_pos, key_padding, cache),
-                           self.layer.softmax_scale)
+        o = attn.sdpa_attention(q.float().transpose(1, 2), k_all, v_all, sdpa_mask(positions, k_pos, key_padding, cache),
+                                self.layer.softmax_scale)
         o = o.transpose(1, 2).to(x.dtype)  # [B, T, H, d_v]
         return self.o_proj(o.reshape(B, T, self.H * self.d_v))
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from latentkv.cli import main
+from converters.cli import main
 from tests.helpers import PLAIN_SVD
 
 FLAGS = ["--rope-mode", "full", "--rank", "16", "--method", PLAIN_SVD["method"], "--refine-steps", "0"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentkv.cli import main
+from converters.cli import main
 from tests.helpers import load_hf, load_latent
 
 
@@ -45,7 +45,7 @@ def test_inspect_reports_ratio(stories, tmp_path, capsys):
 
 
 def test_eval_prints_perplexity(stories, capsys):
-    from latentkv.cli import DATA
+    from converters.cli import DATA
 
     assert main(["eval", str(stories), "--text", str(DATA / "text" / "tinystories_sample.txt"), "--seq-len", "512", "--windows", "document"]) == 0
     ppl = float(capsys.readouterr().out.split()[1])

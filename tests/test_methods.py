@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from converters.convert import ConversionError, ConvertOptions, convert
-from latentkv.cli import DATA
+from converters.cli import DATA
 from tests.helpers import PLAIN_SVD, load_hf, load_latent
 
 CAL = str(DATA / "text" / "tinystories_a.txt")
@@ -92,7 +92,7 @@ def test_allocated_ranks_are_recorded_and_meet_the_budget(stories, tmp_path, all
 
 
 def test_methods_need_calibration(stories, tmp_path):
-    from converters.convert import DEFAULT_CALIBRATION_TEXT
+    from converters.options import DEFAULT_CALIBRATION_TEXT
 
     assert ConvertOptions(method="activation").needs_calibration()
     assert ConvertOptions(rank_allocation="budgeted", rope_mode="full", method="svd").needs_calibration()
@@ -108,7 +108,7 @@ def test_methods_need_calibration(stories, tmp_path):
 
 
 def test_cli_method_flags(stories, tmp_path):
-    from latentkv.cli import main
+    from converters.cli import main
 
     out = tmp_path / "cli"
     assert main(["convert", str(stories), str(out), "--rope-mode", "full", "--kv-ratio", "0.5", "--method", "activation",
@@ -148,7 +148,8 @@ def test_nope_scaling_refuses_what_it_cannot_scale(stories, tmp_path):
 def test_cli_nope_scaling_flag():
     import argparse
 
-    from latentkv.cli import add_convert_args, options_from_args
+    from converters.cli import add_convert_args
+    from converters.options import from_args as options_from_args
 
     parser = argparse.ArgumentParser()
     add_convert_args(parser)

@@ -7,11 +7,14 @@ Import this module only after vLLM has resolved ``vllm.platforms.current_platfor
 (i.e. from attention backends, layers and models, which vLLM imports by qualname):
 ``vllm.v1.attention.backend`` resolves the platform on import, so importing it from
 the platform plugin's own module would recurse. The platform class therefore imports
-``vllm.platforms.cpu`` directly.
+``vllm.platforms.cpu`` directly. The two entry points vLLM calls while it starts, the CPU platform
+(``platform/cpu.py``) and ``vllm_latentkv.register`` (registries only), are the only other modules
+that import vLLM.
 """
 
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -41,6 +44,7 @@ from vllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mla import MLAModules, MultiHeadLatentAttentionWrapper
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,

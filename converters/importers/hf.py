@@ -15,12 +15,7 @@ from latentkv import format as fmt
 from latentkv.checkpoint import CheckpointError, TensorReader, read_header, weight_files
 from latentkv.rope import source_inv_freq
 
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-}
+SUPPORTED_ARCHITECTURES = fmt.SOURCE_ARCHITECTURES
 
 
 @dataclass

@@ -51,10 +51,9 @@ _CHUNK = 1 << 20
 
 def resolve_cache_dir(cache: Path | None = None) -> Path:
     """``cache``, else ``$LATENTKV_CACHE``, else ``~/.cache/latentkv``."""
-    if cache is not None:
-        return Path(cache)
-    env = os.environ.get("LATENTKV_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "latentkv"
+    from latentkv.settings import settings
+
+    return Path(cache) if cache is not None else settings().cache_dir
 
 
 def _by_hand(cache: Path) -> str:

@@ -85,7 +85,13 @@ def _kernel_calls(model) -> dict[str, int]:
 
 
 def _use_triton(mode: str, model) -> None:
-    os.environ["LATENTKV_TRITON"] = mode  # the backend reads it at every step, in the worker
+    """Set LATENTKV_TRITON in the worker and redo the step that reads it (once, after loading)."""
+    from vllm_latentkv.attention.layer import LatentAttention
+
+    os.environ["LATENTKV_TRITON"] = mode
+    for module in model.modules():
+        if isinstance(module, LatentAttention):
+            module.process_weights_after_loading()
 
 
 def _child(models: dict[str, str], out: str) -> None:

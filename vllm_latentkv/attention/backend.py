@@ -5,26 +5,34 @@ or float16/bfloat16/float32 from ``--kv-cache-dtype``) and "int4" (selected by t
 ``latent_kv.cache_dtype``, not by ``--kv-cache-dtype``); any block size; chunked prefill and
 prefix caching (every step reads its whole context back from the paged cache).
 
-The backend owns the cache I/O; the math of the layer is in ``layer.py``:
+The flow is one way, as in vLLM's own MLA: the layer (``layer.py``) projects the step's tokens to
+queries, latents and rope keys; :class:`LatentKVAttentionImpl` does everything after that:
 
-* ``write``: rows ``[c | k_rope | key scales]`` (or packed INT4 rows) at the slot mapping;
-* ``read``: one request's rows back, dequantized, for the torch path (key scales split off);
-* ``decode``: absorbed attention over the paged cache for a batch of one-token queries with the
-  Triton kernel ``latent_decode_attention[_int4]`` when Triton can run (CUDA, or CPU under
-  ``TRITON_INTERPRET=1``), selected by ``LATENTKV_TRITON`` = auto (default) | 1 | 0.
-* ``decode_full``: the same for ``full`` RoPE layers (keys rebuilt from the key latent and rotated
-  inside ``full_rope_decode_attention[_int4]``, values absorbed), same policy.
-  The pure-torch path (``layer.py``) is the fallback and the CPU reference.
+* writes the rows ``[c | k_rope | key scales]`` (or packed INT4 rows) at the slot mapping;
+* one-token requests (decode) on the Triton kernels ``latent_decode_attention[_int4]`` (absorbed,
+  DeepSeek-V2 / MHA2MLA App. B) or ``full_rope_decode_attention[_int4]`` (full RoPE: keys rebuilt
+  and rotated in the kernel, values absorbed) when Triton can run (``LATENTKV_TRITON``, see
+  ``latentkv.settings``) and the layer's layout suits them;
+* everything else on the PyTorch path: each request's rows read back, then
+  ``latentkv.attention`` (expanded for prefill, absorbed for decode);
+* W_uv after the attention-weighted latent sum.
+
+The kernel-or-torch choice, the float32 up-projections and the index maps are fixed once in
+:meth:`LatentKVAttentionImpl.prepare`, after the weights are loaded: nothing is cast, moved or read
+from the environment per step.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
+from latentkv import attention as attn
+from latentkv.settings import settings
+from vllm_latentkv.attention import BACKEND_NAME
 from vllm_latentkv._vllm import (
     AttentionBackend,
     AttentionImpl,
@@ -36,19 +44,16 @@ from vllm_latentkv._vllm import (
 )
 from vllm_latentkv.attention.cache import LatentCacheLayout
 
-BACKEND_NAME = "LATENTKV_MLA"  # the CPU platform's MLA hook looks this name up
-BACKEND_PATH = "vllm_latentkv.attention.backend.LatentKVAttentionBackend"
-TRITON_ENV = "LATENTKV_TRITON"
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Whether the latent kernels can run on tensors of this device (see module docstring)."""
-    mode = os.environ.get(TRITON_ENV, "auto").strip().lower()
-    if mode in ("0", "false", "off", "no"):
+    """Whether our kernels can run on tensors of this device (``LATENTKV_TRITON``, read once per layer)."""
+    env = settings()
+    if env.triton == "off":
         return False
-    runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
-    if mode in ("1", "true", "on", "yes") and not runnable:
-        raise RuntimeError(f"{TRITON_ENV}=1 but Triton cannot run on {device} (set TRITON_INTERPRET=1 on CPU)")
+    runnable = device.type == "cuda" or env.triton_interpret
+    if env.triton == "on" and not runnable:
+        raise RuntimeError(f"LATENTKV_TRITON=1 but Triton cannot run on {device} (set TRITON_INTERPRET=1 on CPU)")
     if not runnable:
         return False
     try:
@@ -138,39 +143,69 @@ class LatentKVMetadataBuilder(AttentionMetadataBuilder[LatentKVMetadata]):
 
 
 class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
-    """Cache I/O of one latent layer (the layer computes the attention math)."""
+    """One latent layer after its projections: cache writes, attention (kernels or torch) and W_uv."""
 
-    def __init__(self, layout: LatentCacheLayout, kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, heads: attn.LatentHeads, layout: LatentCacheLayout, kv_cache_dtype: str = "auto") -> None:
         if kv_cache_dtype not in LatentKVAttentionBackend.supported_kv_cache_dtypes:
             raise NotImplementedError(
                 f"{BACKEND_NAME} does not support --kv-cache-dtype={kv_cache_dtype!r}: latent caches are "
                 "'auto' (model dtype) or INT4 via --hf-overrides '{\"latent_kv_cache_dtype\": \"int4\"}'"
             )
-        self.layout = layout
+        self.heads, self.layout = heads, layout
         self.kv_cache_dtype = "int4" if layout.int4 else kv_cache_dtype
+        self.weights: attn.LatentWeights | None = None
 
-    def forward(self, *args, **kwargs):  # the layer calls write/read/decode directly
-        raise NotImplementedError("latent layers call LatentKVAttentionImpl.write/read/decode")
+    # -- once, after loading ---------------------------------------------------------------------
+    def prepare(self, weights: attn.LatentWeights, device: torch.device) -> None:
+        """Fix the run-time form: float32 weights and index maps on ``device``, the kernel choice."""
+        h = self.heads = self.heads.to(device)
+        self.weights = weights.prepared(device)
+        self.write_on_kernel = triton_usable(device)
+        kv_rows = h.chunk_of_kv.tolist()
+        self.key_groups_used = _contiguous_share(kv_rows)
+        self.rope_slots = _contiguous_share(h.slot_of_head.tolist()) if h.R_H else None
+        if h.full:  # full_rope_decode_attention rebuilds (biased, normed) keys and rotates them itself
+            self.decode_on_kernel = self.write_on_kernel and self.key_groups_used is not None
+        else:  # latent_decode_attention: absorbed NoPE scores over one k range, this rank's rope slots
+            self.decode_on_kernel = (self.write_on_kernel and not h.key_scale and h.d_n > 0
+                                     and self.rope_slots is not None)
+        self.chunk_of_head = h.chunk_of_kv.index_select(0, h.kv_of_head)[None, :, None, None]  # [1, H, 1, 1]
+        self.inv_freq = h.source_freqs.float()
+        kernel_dtype = torch.float32 if self.layout.int4 else self.layout.dtype
+        self.kernel_w_uk = None if self.weights.w_uk is None else self.weights.w_uk.to(kernel_dtype).contiguous()
+        self.num_kv_splits = 4 if torch.device(device).type == "cpu" else 8
 
-    @staticmethod
-    def rows(kv_cache: torch.Tensor) -> torch.Tensor:
-        """vLLM's [blocks, 1, block_size, row] view -> [blocks, block_size, row]."""
-        return kv_cache[:, 0]
+    # -- every step ------------------------------------------------------------------------------
+    def forward(self, q_nope, q_rope, latent, tail, kv_cache, meta: "LatentKVMetadata", slot_mapping) -> torch.Tensor:
+        """q_nope, q_rope [T, H, .] (normed, rotated, fp32), this step's rows: latent [T, W] and tail
+        [T, R_H R_D (+ key scales)] -> attention output o [T, H, d_h] float32 (before o_proj)."""
+        self.write(latent, tail, kv_cache, slot_mapping)
+        o = q_nope.new_zeros(q_nope.shape[0], q_nope.shape[1], self.heads.d_h)
+        on_kernel = set()
+        if meta.decode_reqs and self.decode_on_kernel:
+            idx = meta.decode_tokens
+            o[idx] = self._decode_on_kernel(q_nope[idx], q_rope[idx], kv_cache, meta)
+            on_kernel = set(meta.decode_reqs)
+        qsl = meta.query_start_loc
+        for r, seq_len in enumerate(meta.seq_lens):
+            start, end = qsl[r], qsl[r + 1]
+            if end > start and r not in on_kernel:
+                o[start:end] = self._attend_request(q_nope[start:end], q_rope[start:end], kv_cache, meta.block_table[r], seq_len)
+        return o
 
-    # -- write -------------------------------------------------------------------------------
-    def write(self, latent: torch.Tensor, rope: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """latent [T, W], rope [T, R_H R_D (+ K key scales)] (rotated) -> the rows at slot_mapping (-1 = skip)."""
+    def write(self, latent: torch.Tensor, tail: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """latent [T, W], tail [T, R_H R_D (+ K key scales)] (rotated) -> the rows at slot_mapping (-1 = skip)."""
         L = self.layout
-        cache = self.rows(kv_cache)
+        cache = _rows(kv_cache)
         num = slot_mapping.shape[0]
-        latent, rope = latent[:num].contiguous(), rope[:num].contiguous()
-        if triton_usable(cache.device) and cache.stride(-1) == 1:
+        latent, tail = latent[:num].contiguous(), tail[:num].contiguous()
+        if self.write_on_kernel and cache.stride(-1) == 1:
             from vllm_latentkv import kernels
 
             if L.int4:
-                kernels.latent_cache_write_int4(latent, rope, cache, slot_mapping, L.group_size)
+                kernels.latent_cache_write_int4(latent, tail, cache, slot_mapping, L.group_size)
             else:
-                kernels.latent_cache_write(latent, rope, cache, slot_mapping)
+                kernels.latent_cache_write(latent, tail, cache, slot_mapping)
             return
         valid = slot_mapping >= 0
         slots = slot_mapping[valid].to(torch.int64)
@@ -178,19 +213,16 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         if L.int4:
             from latentkv.int4 import int4_pack_rows
 
-            rows = int4_pack_rows(latent[valid], rope[valid], L.group_size)
+            rows = int4_pack_rows(latent[valid], tail[valid], L.group_size)
         else:
-            rows = torch.cat((latent[valid], rope[valid]), dim=-1).to(cache.dtype)
+            rows = torch.cat((latent[valid], tail[valid]), dim=-1).to(cache.dtype)
         cache[slots // page, slots % page] = rows
 
-    # -- read ----------------------------------------------------------------------------------
-    def read(
-        self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int):
         """One request's first seq_len rows: (latent fp32 [S, W], rope fp32 [S, R_H, R_D],
         key scales fp32 [S, K] or None when the layout has none)."""
         L = self.layout
-        cache = self.rows(kv_cache)
+        cache = _rows(kv_cache)
         page = cache.shape[1]
         n_blocks = -(-seq_len // page)
         rows = cache[block_ids[:n_blocks].to(torch.int64)].reshape(-1, cache.shape[-1])[:seq_len]
@@ -204,74 +236,73 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         key_scale = tail[:, L.rope_dim :].float() if L.key_scales else None
         return lat.float(), rope, key_scale
 
-    # -- absorbed decode with the Triton kernel ------------------------------------------------
-    def decode(
-        self,
-        q_latent: torch.Tensor,  # [B, H, r_k] (zero outside each head's latent chunk)
-        q_rope: torch.Tensor,  # [B, H, R_D] rotated
-        kv_cache: torch.Tensor,
-        meta: LatentKVMetadata,
-        scale: float,
-        k_range: tuple[int, int],
-        v_range: tuple[int, int],
-        rope_slots: tuple[int, int] | None = None,  # (first, count) of the row's rope heads these heads read
-    ) -> torch.Tensor:
-        """sum_t softmax(scale s)_t c_v,t per head: [B, H, r_v] fp32 (DeepSeek-V2 absorbed decode)."""
+    # -- the PyTorch path: latentkv.attention on one request's rows -------------------------------
+    def _attend_request(self, q_nope, q_rope, kv_cache, block_ids, seq_len: int) -> torch.Tensor:
+        """q [L, H, .] of the request's last L of S = seq_len positions -> o [L, H, d_h]."""
+        lat, rope_k, key_scale = self.read(kv_cache, block_ids, seq_len)
+        L, S = q_nope.shape[0], seq_len
+        k_pos = torch.arange(S, device=lat.device)
+        batch = lambda t: None if t is None else t[None]  # noqa: E731  (the core's leading batch dim)
+        cached = (lat[None], rope_k[None], batch(key_scale), k_pos[None])
+        if L == 1:  # absorbed (MHA2MLA App. B): scores and the value sum in latent space
+            mask = attn.causal_mask(k_pos[S - 1 :][None], k_pos[None])
+            o = attn.absorbed_attention(q_nope[None], q_rope[None], *cached, mask, self.heads, self.weights)
+        else:  # expanded: one SDPA call, causal with the queries at the last L of S positions
+            o = attn.expanded_attention(q_nope[None], q_rope[None], *cached, causal_lower_right(L, S), self.heads, self.weights)
+        return o[0]
+
+    # -- decode on the Triton kernels -------------------------------------------------------------
+    def _decode_on_kernel(self, q_nope, q_rope, kv_cache, meta: "LatentKVMetadata") -> torch.Tensor:
+        """One query token per request: q [B, H, .] -> o [B, H, d_h]."""
         from vllm_latentkv import kernels
 
-        L = self.layout
-        cache = self.rows(kv_cache)
-        common = dict(rope_heads=L.rope_heads, rope_slots=rope_slots, k_range=k_range, v_range=v_range,
-                      out_dtype=torch.float32,
-                      num_kv_splits=4 if q_latent.device.type == "cpu" else 8)
-        q_latent, q_rope = q_latent.float().contiguous(), q_rope.float().contiguous()
-        if L.int4:
-            out, _ = kernels.latent_decode_attention_int4(
-                q_latent, q_rope, cache, meta.decode_block_table, meta.decode_seq_lens, scale,
-                latent_dim=L.latent_dim, group_size=L.group_size, **common,
+        h, L = self.heads, self.layout
+        cache = _rows(kv_cache)
+        B, H = q_nope.shape[:2]
+        lat = self._latent_ranks()
+        paged = (meta.decode_block_table, meta.decode_seq_lens, h.scale)
+        kernel_dtype = torch.float32 if L.int4 else cache.dtype
+        common = dict(out_dtype=torch.float32, num_kv_splits=self.num_kv_splits)
+        int4 = dict(latent_dim=L.latent_dim, group_size=L.group_size) if L.int4 else {}
+        if h.full:
+            w = self.weights
+            o_lat, _ = (kernels.full_rope_decode_attention_int4 if L.int4 else kernels.full_rope_decode_attention)(
+                q_nope.to(kernel_dtype).contiguous(), cache, self.kernel_w_uk, self.inv_freq, *paged,
+                key_groups=h.n_grp, key_groups_used=self.key_groups_used, v_range=lat["v_range"], b_k=w.b_k,
+                k_gain=w.k_gain, norm_eps=h.eps, **common, **int4,
             )
         else:
-            if cache.dtype != torch.float32:
-                q_latent, q_rope = q_latent.to(cache.dtype), q_rope.to(cache.dtype)
-            out, _ = kernels.latent_decode_attention(
-                q_latent, q_rope, cache, meta.decode_block_table, meta.decode_seq_lens, scale, **common,
+            q_lat = attn.absorbed_query(q_nope, h, self.weights)  # [B, H, r_k / n_grp]
+            if h.n_grp > 1:  # zero outside each head's chunk: one pass over the page serves all groups
+                spread = q_lat.new_zeros(B, H, h.n_grp, q_lat.shape[-1])
+                spread.scatter_(2, self.chunk_of_head.expand(B, H, 1, q_lat.shape[-1]), q_lat[:, :, None])
+                q_lat = spread.flatten(2)
+            o_lat, _ = (kernels.latent_decode_attention_int4 if L.int4 else kernels.latent_decode_attention)(
+                q_lat.to(kernel_dtype).contiguous(), q_rope.to(kernel_dtype).contiguous(), cache, *paged,
+                rope_heads=L.rope_heads, rope_slots=self.rope_slots, k_range=lat["k_range"], v_range=lat["v_range"],
+                **common, **int4,
             )
-        return out
+        if h.n_grp > 1:  # [B, H, n_grp r_v'] -> each head's own chunk
+            o_lat = o_lat.view(B, H, h.n_grp, -1)
+            o_lat = o_lat.gather(2, self.chunk_of_head.expand(B, H, 1, o_lat.shape[-1])).squeeze(2)
+        return attn.values_from_latent(o_lat, h, self.weights)
 
-    # -- full-RoPE decode with the Triton kernel -----------------------------------------------
-    def decode_full(
-        self,
-        q: torch.Tensor,  # [B, H, d_h] rotated
-        w_uk: torch.Tensor,  # [G, d_h, r_k / key_groups]
-        inv_freq: torch.Tensor,  # [d_h / 2] fp32
-        kv_cache: torch.Tensor,
-        meta: LatentKVMetadata,
-        scale: float,
-        key_groups: int,
-        key_groups_used: tuple[int, int] | None = None,  # (first, count) the KV heads of w_uk read
-        v_range: tuple[int, int] | None = None,  # the value latent in the row; None: after the key latent
-        b_k: torch.Tensor | None = None,  # [G, d_h] key bias
-        k_gain: torch.Tensor | None = None,  # [G, d_h] key RMSNorm gain
-        norm_eps: float = 1e-6,
-    ) -> torch.Tensor:
-        """sum_t softmax(scale q . RoPE_t(norm(W_uk c_k,t + b_k)))_t c_v,t per head: [B, H, r_v] fp32."""
-        from vllm_latentkv import kernels
+    def _latent_ranks(self) -> dict[str, tuple[int, int]]:
+        """(start, length) of the key and value latents in the row (all groups)."""
+        h = self.heads
+        k_len = h.k_slice.stop - h.k_slice.start
+        return {"k_range": (h.k_slice.start, k_len), "v_range": (h.v_slice.start, h.v_slice.stop - h.v_slice.start)}
 
-        L = self.layout
-        cache = self.rows(kv_cache)
-        common = dict(key_groups=key_groups, key_groups_used=key_groups_used, v_range=v_range, b_k=b_k,
-                      k_gain=k_gain, norm_eps=norm_eps, out_dtype=torch.float32,
-                      num_kv_splits=4 if q.device.type == "cpu" else 8)
-        q, w_uk = q.float().contiguous(), w_uk.float().contiguous()
-        if L.int4:
-            out, _ = kernels.full_rope_decode_attention_int4(
-                q, cache, w_uk, inv_freq, meta.decode_block_table, meta.decode_seq_lens, scale,
-                latent_dim=L.latent_dim, group_size=L.group_size, **common,
-            )
-        else:
-            if cache.dtype != torch.float32:
-                q, w_uk = q.to(cache.dtype), w_uk.to(cache.dtype)
-            out, _ = kernels.full_rope_decode_attention(
-                q, cache, w_uk, inv_freq, meta.decode_block_table, meta.decode_seq_lens, scale, **common,
-            )
-        return out
+
+def _rows(kv_cache: torch.Tensor) -> torch.Tensor:
+    """vLLM's [blocks, 1, block_size, row] view -> [blocks, block_size, row]."""
+    return kv_cache[:, 0]
+
+
+def _contiguous_share(index_of_head: list[int]) -> tuple[int, int] | None:
+    """(first, count) if head i reads index first + i // (heads / count), the form the kernels take."""
+    first, count = index_of_head[0], len(set(index_of_head))
+    heads = len(index_of_head)
+    if heads % count or index_of_head != [first + i // (heads // count) for i in range(heads)]:
+        return None
+    return first, count

@@ -26,10 +26,6 @@ import torch
 
 from latentkv import format as fmt
 
-# Row layouts the per-token cache supports.
-CACHE_DTYPES = fmt.CACHE_DTYPES
-
-
 def int4_row_bytes(latent_dim: int, rope_dim: int, group_size: int) -> int:
     """Bytes of one INT4 row: the kernels' definition (pure torch, no Triton import needed)."""
     from latentkv.int4 import int4_row_bytes as _row_bytes

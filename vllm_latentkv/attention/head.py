@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentkv import attention as attn
 from latentkv import format as fmt
-from vllm_latentkv.attention.layer import rope
 from vllm_latentkv.attention.tp import tp_split
 from vllm_latentkv._vllm import (
     Attention,
@@ -65,8 +65,8 @@ class HeadAttention(nn.Module):
         self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64)
         self.eps = eps
         if spec.qk_norm:  # replicated [d_h] gains, default loader
-            self.q_norm = _HeadNorm(d_h)
-            self.k_norm = _HeadNorm(d_h)
+            self.q_norm = _HeadGain(d_h)
+            self.k_norm = _HeadGain(d_h)
         else:
             self.q_norm = self.k_norm = None
         self.attn = Attention(
@@ -79,16 +79,13 @@ class HeadAttention(nn.Module):
         q, _ = self.q_proj(hidden_states)
         k, _ = self.k_proj(hidden_states)
         v, _ = self.v_proj(hidden_states)
-        q, k = q.view(T, self.H_l, self.d_h), k.view(T, self.G_l, self.d_h)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q, self.eps), self.k_norm(k, self.eps)
-        q = rope(q, positions, self.source_freqs)
-        k = rope(k, positions, self.source_freqs)
+        q, k = attn.head_queries_keys(
+            q.view(T, self.H_l, self.d_h), k.view(T, self.G_l, self.d_h), positions, self.source_freqs, self.eps,
+            q_gain=self.q_norm.weight if self.q_norm is not None else None,
+            k_gain=self.k_norm.weight if self.k_norm is not None else None,
+            k_reduce=self.k_reduce if self.reduced else None,
+        )
         v = v.view(T, self.G_l, self.d_v)
-        if self.reduced:
-            rep = self.H_l // self.G_l
-            k = torch.einsum("tgd,gdr->tgr", k, self.k_reduce)
-            q = torch.einsum("thd,hdr->thr", q, self.k_reduce.repeat_interleave(rep, dim=0))
         pad = self.d_c
         q, k, v = (F.pad(x, (0, pad - x.shape[-1])) for x in (q, k, v))
         o = self.attn(q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
@@ -97,13 +94,9 @@ class HeadAttention(nn.Module):
         return out
 
 
-class _HeadNorm(nn.Module):
-    """RMSNorm over the head dim with a [d_h] gain (the reference model's RMSNorm)."""
+class _HeadGain(nn.Module):
+    """The [d_h] gain of a per-head RMSNorm (applied by ``latentkv.attention.head_queries_keys``)."""
 
     def __init__(self, d_h: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d_h), requires_grad=False)
-
-    def forward(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-        return self.weight * y.to(x.dtype)

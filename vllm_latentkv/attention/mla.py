@@ -25,14 +25,17 @@ per layer by :func:`use_vllm_mla`). vLLM's FA prefill warmup reads the MLA dims 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import nn
 
 from latentkv import format as fmt
+from latentkv.settings import settings
 from vllm_latentkv._vllm import (
     ColumnParallelLinear,
+    MLAModules,
+    MultiHeadLatentAttentionWrapper,
+    current_platform,
     QuantizationConfig,
     ReplicatedLinear,
     RowParallelLinear,
@@ -48,15 +51,10 @@ from vllm_latentkv.mla_mapping import (
     rope_inv_freq,
 )
 
-ENV = "LATENTKV_VLLM_MLA"
-
-
 def use_vllm_mla(layer: fmt.LayerSpec, spec: fmt.LatentKVSpec, dims: fmt.ModelDims) -> bool:
     """Serve this layer with vLLM's MLA layer (CUDA and CPU; our own backend everywhere else)."""
-    if os.environ.get(ENV, "1") == "0":
+    if not settings().vllm_mla:
         return False
-    from vllm.platforms import current_platform
-
     if current_platform.is_cuda():
         head_sizes = MLA_HEAD_SIZES
     elif current_platform.is_cpu():
@@ -135,13 +133,11 @@ class LatentMLAAttention(nn.Module):
         prefix: str = "",
     ) -> None:
         super().__init__()
-        from vllm.model_executor.layers.mla import MLAModules, MultiHeadLatentAttentionWrapper
-
         layer = spec.layers[layer_idx]
         reason = mla_unsupported_reason(layer, spec, dims)
         if reason is not None:
             raise ValueError(f"latent_kv.layers[{layer_idx}] cannot run as vLLM MLA: {reason}")
-        H, G, d_h, D = dims.num_attention_heads, dims.num_key_value_heads, dims.head_dim, dims.hidden_size
+        H, d_h, D = dims.num_attention_heads, dims.head_dim, dims.hidden_size
         tp, rank = tp_split(f"latent_kv.layers[{layer_idx}]", H)
         self.layer, self.dims, self.prefix = layer, dims, prefix
         H_l = H // tp

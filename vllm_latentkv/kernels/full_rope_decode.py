@@ -55,6 +55,7 @@ from ._split_kv import (
     store_split_partial,
     tile_tokens,
 )
+from latentkv import attention as attn
 from latentkv.int4 import int4_row_offsets, int4_unpack_rows
 
 
@@ -365,7 +366,9 @@ def full_rope_decode_attention_int4(
 
 
 def rotate_half_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """HF Llama RoPE: x [n, ..., D] at positions [n] -> x cos + rotate_half(x) sin (fp32)."""
+    """HF Llama RoPE: x [n, ..., D] at positions [n] -> x cos + rotate_half(x) sin, with float32 angles
+    as the kernel and transformers compute them (``latentkv.rope.rotate`` uses float64 angles, which
+    differ by ~1e-4 at positions in the thousands)."""
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]  # [n, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
@@ -401,11 +404,9 @@ def full_rope_decode_attention_ref(
         t = torch.arange(n)
         lat = lat_all[block_table[b, t // page].long().cpu(), t % page].float().cpu()  # [n, W]
         c_k = lat[:, :k_len].view(n, key_groups, rank)[:, group_of_kv]  # [n, G, r]
-        keys = torch.einsum("gdr,ngr->ngd", w_uk.float().cpu(), c_k)  # k = W_uk[g] c_k[t, group(g)]
-        if b_k is not None:
-            keys = keys + b_k.float().cpu()
+        keys = attn.up_project(c_k, w_uk.cpu(), None if b_k is None else b_k.cpu())  # k = W_uk[g] c_k[t, group(g)] + b_k
         if k_gain is not None:
-            keys = k_gain.float().cpu() * keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + norm_eps)
+            keys = attn.rms_norm(keys, k_gain.float().cpu(), norm_eps)
         keys = rotate_half_rope(keys, t, inv_freq.cpu())  # [n, G, D_H]
         s = torch.einsum("hd,nhd->hn", q[b].float().cpu(), keys[:, kv_of_head]) * scale
         lse[b] = torch.logsumexp(s, dim=-1)

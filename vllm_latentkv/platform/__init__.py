@@ -11,14 +11,14 @@ vLLM calls :func:`cpu_platform_plugin` while it is still resolving
 ``vllm.platforms.current_platform``.
 """
 
-import os
-
 ENV_VAR = "LATENTKV_CPU_PLATFORM"
 PLATFORM_QUALNAME = "vllm_latentkv.platform.cpu.LatentKVCpuPlatform"
 
 
 def _enabled() -> bool:
-    return os.environ.get(ENV_VAR, "").strip().lower() in ("1", "true", "yes", "on")
+    from latentkv.settings import settings  # no vLLM import: safe while vLLM resolves its platform
+
+    return settings().cpu_platform
 
 
 def cpu_platform_plugin() -> str | None:
