@@ -70,6 +70,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"perplexity {ppl:.4f}  ({args.model} on {args.text}: {n} tokens scored, {args.windows} windows of {args.seq_len})")
 
 
+def cmd_heal(args: argparse.Namespace) -> None:
+    from converters.heal import HealOptions, heal
+
+    report = heal(args.converted, args.out, options.from_args(args, HealOptions), overwrite=args.overwrite)
+    ppl = f", held-out perplexity {report['perplexity']:.4f}" if report["perplexity"] is not None else ""
+    print(f"wrote {args.out}: {report['steps']} steps, {report['tokens']} tokens in {report['seconds']} s{ppl}")
+
+
 def cmd_import_llama2c(args: argparse.Namespace) -> None:
     from converters.importers.llama2c import import_llama2c
 
@@ -149,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must not exist unless --overwrite)")
     add_convert_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("heal", help="recovery fine-tuning: distil a converted checkpoint towards its source model",
+                       description="Distillation on transformers' Trainer; under `accelerate launch` it runs "
+                                   "data-parallel, FSDP or DeepSpeed (see converters/heal.py).")
+    p.add_argument("converted", help="the latent checkpoint to heal (from latentkv convert)")
+    p.add_argument("out", help="output directory for the healed checkpoint (must not exist unless --overwrite)")
+    from converters.heal import HealOptions
+
+    options.add_arguments(p, HealOptions)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_heal)
 
     p = sub.add_parser("eval", help="perplexity of a model (source or converted) on a text file")
     p.add_argument("model")
