@@ -8,6 +8,8 @@
 | ``LATENTKV_VLLM_MLA``   | ``1`` / ``0``                 | serve shared-RoPE layers of DeepSeek's size with vLLM's own  |
 |                         |                               | MLA layer (FlashMLA / Triton MLA); 0 = our backend           |
 | ``LATENTKV_CPU_PLATFORM`` | ``0`` / ``1``               | run the real vLLM engine on a CPU-only machine (tests, CI)  |
+| ``LATENTKV_CPU_COMPILE`` | ``0`` / ``1``                | with the CPU platform: compile the model as vLLM does on CPU |
+|                         |                               | (Dynamo traced once, Inductor) instead of running eagerly   |
 | ``LATENTKV_CACHE``      | ``~/.cache/latentkv`` / path  | where the SmolLM2 GGUF and its import are kept              |
 
 Booleans accept 1/true/yes/on and 0/false/no/off (any case); anything else is an error that names
@@ -42,6 +44,7 @@ class Settings:
     triton: Literal["auto", "on", "off"]
     vllm_mla: bool
     cpu_platform: bool
+    cpu_compile: bool
     cache_dir: Path
     triton_interpret: bool  # Triton's own TRITON_INTERPRET=1: kernels run on CPU tensors
 
@@ -54,6 +57,7 @@ class Settings:
             triton=triton,
             vllm_mla=_flag("LATENTKV_VLLM_MLA", True),
             cpu_platform=_flag("LATENTKV_CPU_PLATFORM", False),
+            cpu_compile=_flag("LATENTKV_CPU_COMPILE", False),
             cache_dir=Path(cache) if cache else Path.home() / ".cache" / "latentkv",
             triton_interpret=os.environ.get("TRITON_INTERPRET", "") == "1",
         )

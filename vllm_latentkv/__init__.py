@@ -33,10 +33,14 @@ def _register_latent_model() -> None:
     from vllm import ModelRegistry
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    from vllm_latentkv.attention import BACKEND_NAME, BACKEND_PATH
+    from vllm.config import CompilationConfig
+
+    from vllm_latentkv.attention import ATTENTION_OP, BACKEND_NAME, BACKEND_PATH
     from vllm_latentkv.config import register_config
 
     register_config()
+    if f"vllm::{ATTENTION_OP}" not in CompilationConfig._attention_ops:  # piecewise graphs split at our attention
+        CompilationConfig._attention_ops.append(f"vllm::{ATTENTION_OP}")
     if "LatentKVForCausalLM" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model("LatentKVForCausalLM", "vllm_latentkv.model:LatentKVForCausalLM")
     if BACKEND_NAME not in AttentionBackendEnum.__members__:

@@ -61,6 +61,8 @@ from vllm.model_executor.models.utils import (
     maybe_prefix,
 )
 from vllm.sequence import IntermediateTensors
+from vllm.utils.torch_utils import direct_register_custom_op
+from vllm.compilation.decorators import support_torch_compile
 from vllm.v1.kv_cache_interface import MLAAttentionSpec
 
 __all__ = [

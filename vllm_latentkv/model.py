@@ -39,6 +39,7 @@ from vllm_latentkv._vllm import (
     make_empty_intermediate_tensors_factory,
     make_layers,
     maybe_prefix,
+    support_torch_compile,
 )
 from vllm_latentkv.attention.head import HeadAttention
 from vllm_latentkv.attention.layer import LatentAttention
@@ -93,6 +94,10 @@ class LatentKVDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+@support_torch_compile(  # as vLLM's LlamaModel: the token count is the dynamic dim
+    dynamic_arg_dims={"input_ids": {0: "b"}, "positions": {0: "b"}, "intermediate_tensors": {0: "b"},
+                      "inputs_embeds": {0: "b"}},
+)
 class LatentKVModel(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()

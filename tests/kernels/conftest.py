@@ -1,4 +1,9 @@
-"""Kernel tests run the Triton kernels on CPU through the Triton interpreter.
+"""Kernel tests run the Triton kernels on CPU through the Triton interpreter, or natively on a GPU.
+
+``LATENTKV_KERNEL_DEVICE=cuda`` (``scripts/gpu_validate.sh``): no interpreter; every kernel a test
+module imported is wrapped so that its tensor arguments go to the GPU for the launch and results
+(and the tensors it writes, such as caches) come back to the CPU, where the references run; bf16
+joins the dtypes under test (``kernel_helpers.KERNEL_DTYPES``). Otherwise:
 
 TRITON_INTERPRET must be set when the kernels are decorated (at import of
 vllm_latentkv.kernels and of the test modules), so it is set here, at conftest import, before
@@ -11,10 +16,13 @@ vllm_latentkv.kernels before this directory is collected, the launchers raise a 
 that says so.
 """
 
+import functools
 import os
 
+KERNEL_DEVICE = os.environ.get("LATENTKV_KERNEL_DEVICE", "cpu")
 _SAVED = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+if KERNEL_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,6 +36,42 @@ def pytest_collection_finish(session):
 
 
 @pytest.fixture(autouse=True)
-def _interpret_and_seed(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _interpret_and_seed(monkeypatch, request):
+    if KERNEL_DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        _run_kernels_on(KERNEL_DEVICE, request.module, monkeypatch)
     torch.manual_seed(0)
+
+
+def _run_kernels_on(device: str, module, monkeypatch) -> None:
+    """Wrap the public kernels (not the *_ref references) a test module imported: tensors to
+    ``device`` for the launch, written arguments and results back to the CPU."""
+    from vllm_latentkv import kernels
+
+    for name in kernels.__all__:
+        fn = getattr(module, name, None)
+        if fn is not None and not name.endswith("_ref"):
+            monkeypatch.setattr(module, name, _on_device(fn, device))
+
+
+def _on_device(fn, device: str):
+    def move(x):
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    def back(x):
+        if isinstance(x, torch.Tensor):
+            return x.cpu()
+        return type(x)(back(v) for v in x) if isinstance(x, tuple) else x
+
+    @functools.wraps(fn)
+    def launch(*args, **kwargs):
+        moved_args, moved_kwargs = [move(a) for a in args], {k: move(v) for k, v in kwargs.items()}
+        out = fn(*moved_args, **moved_kwargs)
+        torch.cuda.synchronize()
+        for orig, dev in zip(list(args) + list(kwargs.values()), moved_args + list(moved_kwargs.values())):
+            if isinstance(orig, torch.Tensor) and orig.device.type == "cpu":
+                orig.copy_(dev.cpu())  # kernels that write (caches) wrote the device copy
+        return back(out)
+
+    return launch

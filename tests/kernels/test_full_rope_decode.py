@@ -4,12 +4,13 @@ Tolerances: see kernel_helpers.py (the reference also rebuilds and rotates the k
 """
 
 import math
+import os
 
 import pytest
 import torch
 import triton
 import triton.language as tl
-from kernel_helpers import check_close, make_paged
+from kernel_helpers import KERNEL_DTYPES, check_close, make_paged
 
 from latentkv.int4 import int4_pack_rows, int4_row_bytes
 from vllm_latentkv.kernels import (
@@ -33,7 +34,7 @@ def make_problem(seq_lens, block_size, num_heads, num_kv_heads, key_groups, dtyp
     return q, cache, w_uk, inv_freq, block_table, torch.tensor(seq_lens, dtype=torch.int32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("key_groups", [1, 2])  # joint key latent; Palu per-KV-head groups
 def test_full_rope_matches_reference(dtype, block_size, key_groups):
@@ -82,7 +83,7 @@ def test_tensor_parallel_rank_equals_its_heads_of_the_whole_call(key_groups, ran
     check_close(out, lse, *ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("int4", [False, True])
 @pytest.mark.parametrize("key_groups", [1, 2])
 def test_joint_latent_with_key_bias_and_key_norm(dtype, int4, key_groups):
@@ -156,8 +157,11 @@ def test_cos_sin_range_reduction_long_positions():
     pos = torch.tensor([0, 1, 2, 1023, 1024, 4095, 32767, 65536, 100000, 131071] + [7] * 6).float()
     angle = pos * torch.tensor(1.0)  # inv_freq[0] = 1
     angle[-3:] = torch.tensor([-3.5, 3.2, 1e-3])
-    c, s = torch.empty_like(angle), torch.empty_like(angle)
-    _cos_sin_kernel[(1,)](angle, c, s, N=16)
+    device = os.environ.get("LATENTKV_KERNEL_DEVICE", "cpu")  # the kernel runs where the others do
+    angle_d = angle.to(device)
+    c, s = torch.empty_like(angle_d), torch.empty_like(angle_d)
+    _cos_sin_kernel[(1,)](angle_d, c, s, N=16)
+    c, s = c.cpu(), s.cpu()
     torch.testing.assert_close(c, angle.double().cos().float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(s, angle.double().sin().float(), atol=1e-5, rtol=0)
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from kernel_helpers import ROPE_HEAD_DIM, check_close, make_paged
+from kernel_helpers import KERNEL_DTYPES, ROPE_HEAD_DIM, check_close, make_paged
 
 from latentkv.int4 import int4_pack_rows
 from vllm_latentkv.kernels import (
@@ -27,7 +27,7 @@ def make_queries(bsz, k_len, dtype, gen, num_heads=NUM_HEADS):
     return q_latent, q_rope
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("rope_heads", [1, 2])  # 1 = shared rope head; 2 = per KV head (GQA 4:2)
 @pytest.mark.parametrize("layout", ["joint", "split"])
@@ -118,7 +118,7 @@ def test_int4_decode_after_triton_write():
     check_close(out, lse, *ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("rope_heads", [1, 2])
 @pytest.mark.parametrize("layout,group_size,block_size", [("joint", 32, 16), ("split", 16, 32)])
 def test_int4_decode_matches_reference(dtype, rope_heads, layout, group_size, block_size):

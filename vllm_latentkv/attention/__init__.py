@@ -7,3 +7,6 @@ Importing this package imports vLLM; :mod:`vllm_latentkv` itself does not.
 
 BACKEND_NAME = "LATENTKV_MLA"  # registered by vllm_latentkv.register; the CPU platform's MLA hook looks it up
 BACKEND_PATH = "vllm_latentkv.attention.backend.LatentKVAttentionBackend"
+# The custom op of a latent layer's cache write + attention (``layer.py``): opaque to torch.compile,
+# and a splitting op of vLLM's piecewise compilation (added by vllm_latentkv.register).
+ATTENTION_OP = "latentkv_attention"

@@ -34,8 +34,11 @@ from vllm_latentkv._vllm import (
     ReplicatedLinear,
     RowParallelLinear,
     VllmConfig,
+    current_platform,
+    direct_register_custom_op,
     get_forward_context,
 )
+from vllm_latentkv.attention import ATTENTION_OP
 from vllm_latentkv.attention.backend import LatentKVAttentionBackend, LatentKVAttentionImpl
 from vllm_latentkv.attention.cache import LatentCacheLayout
 from vllm_latentkv.attention.tp import tp_split
@@ -143,20 +146,47 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         if h.R_H:
             k_rope, key_scale = attn.new_rope_keys(c, k_rope.view(T, h.R_H, h.R_D), positions, self.impl.heads, w)
             tail = k_rope.flatten(1) if key_scale is None else torch.cat((k_rope.flatten(1), key_scale), dim=-1)
-        ctx = get_forward_context()
-        meta = ctx.attn_metadata
-        if isinstance(meta, list):
-            meta = meta[0]
-        if isinstance(meta, dict):
-            meta = meta.get(self.layer_name)
-        if meta is None:  # profiling / dummy run: nothing cached to attend to
-            o = q_nope.new_zeros(T, self.H_l, self.d_h)
-        else:
-            slots = ctx.slot_mapping
-            slots = slots.get(self.layer_name, meta.slot_mapping) if isinstance(slots, dict) else meta.slot_mapping
-            o = self.impl.forward(q_nope, q_rope, c, tail.to(c.dtype), self.kv_cache, meta, slots)
+        o = torch.empty(T, self.H_l, self.d_h, dtype=torch.float32, device=hidden_states.device)
+        # Cache write and attention: one opaque op (vLLM's unified-attention pattern), so that
+        # torch.compile traces the projections around it and piecewise CUDA graphs split at it.
+        _attention_op(q_nope, q_rope, c, tail.to(c.dtype), o, self.layer_name)
         out, _ = self.o_proj(o.to(hidden_states.dtype).view(T, self.H_l * self.d_h))
         return out
+
+
+def latentkv_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, tail: torch.Tensor,
+                       output: torch.Tensor, layer_name: str) -> None:
+    """The latent layer ``layer_name`` after its projections (``LatentKVAttentionImpl.forward``),
+    written into ``output`` [T, H, d_h]; its metadata, cache and slot mapping come from vLLM's
+    forward context, as for vLLM's own attention ops."""
+    ctx = get_forward_context()
+    layer = ctx.no_compile_layers[layer_name]
+    meta = ctx.attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0]
+    if isinstance(meta, dict):
+        meta = meta.get(layer_name)
+    if meta is None:  # profiling / dummy run: nothing cached to attend to
+        output.zero_()
+        return
+    slots = ctx.slot_mapping
+    slots = slots.get(layer_name, meta.slot_mapping) if isinstance(slots, dict) else meta.slot_mapping
+    output.copy_(layer.impl.forward(q_nope, q_rope, latent, tail, layer.kv_cache, meta, slots))
+
+
+def latentkv_attention_fake(q_nope, q_rope, latent, tail, output, layer_name) -> None:
+    """Shapes only (torch.compile's fake tensors): the op writes ``output`` in place and returns nothing."""
+    return None
+
+
+direct_register_custom_op(
+    op_name=ATTENTION_OP,
+    op_func=latentkv_attention,
+    mutates_args=["output"],
+    fake_impl=latentkv_attention_fake,
+    dispatch_key=current_platform.dispatch_key,
+)
+_attention_op = getattr(torch.ops.vllm, ATTENTION_OP)
 
 
 class _Gains(nn.Module):

@@ -30,6 +30,7 @@ from vllm.logger import init_logger
 from vllm.platforms.cpu import CpuPlatform
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+from latentkv.settings import settings
 from vllm_latentkv.platform import ops
 
 TORCH_ATTN_NAME = "TORCH_PAGED_ATTN"
@@ -73,13 +74,14 @@ class LatentKVCpuPlatform(CpuPlatform):
         from vllm.config import CompilationMode, CUDAGraphMode
 
         compilation = vllm_config.compilation_config
-        compilation.mode = CompilationMode.NONE
+        if not settings().cpu_compile:
+            compilation.mode = CompilationMode.NONE
+            if vllm_config.model_config is not None:
+                vllm_config.model_config.enforce_eager = True
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         # "none": no layer may call a compiled custom op; forward_native everywhere.
         compilation.custom_ops = ["none"]
         vllm_config.kernel_config.enable_jit_warmup = False
-        if vllm_config.model_config is not None:
-            vllm_config.model_config.enforce_eager = True
 
     @classmethod
     def check_and_update_config(cls, vllm_config) -> None:
@@ -87,7 +89,8 @@ class LatentKVCpuPlatform(CpuPlatform):
         from vllm.config import CompilationMode, CUDAGraphMode
 
         compilation = vllm_config.compilation_config
-        compilation.mode = CompilationMode.NONE
+        if not settings().cpu_compile:  # else vLLM's CPU choice stands: Dynamo traced once, Inductor
+            compilation.mode = CompilationMode.NONE
         compilation.cudagraph_mode = CUDAGraphMode.NONE
         compilation.custom_ops = ["none"]
         # vLLM's default ("auto") binds each CPU worker's OpenMP threads to a NUMA node of its
