@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from latentkv import attention as attn
 from latentkv import format as fmt
 from latentkv import int4
+from latentkv.token_filter import FilterState, TokenFilterOptions, keep_mask
 
 AttnPath = Literal["auto", "expand", "absorb"]
 
@@ -104,6 +105,7 @@ class _LayerEntries(CacheLayerMixin):
         super().__init__()
         self.entries: dict[str, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None  # [B, S]; bookkeeping like vLLM's slot mapping, not KV data
+        self.filter_state = FilterState()  # Token Filtering's per-request state (anchors, threshold)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # unused: entries are named
         self.is_initialized = True
@@ -132,7 +134,7 @@ class _LayerEntries(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.entries, self.positions = {}, None
+        self.entries, self.positions, self.filter_state = {}, None, FilterState()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.entries = {k: v.index_select(0, beam_idx) for k, v in self.entries.items()}
@@ -248,7 +250,9 @@ class LatentAttention(nn.Module):
             k_gain=k_gain, rope_k_gain=k_gain if self.layer.num_rope_heads else None,
         )
 
-    def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath):
+    def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath, features: str | None = None):
+        """Attention output [B, T, D]; with ``features`` ("latent" | "heads") also this step's
+        (key, value) features per head for Token Filtering (``latentkv.token_filter``)."""
         B, T, _ = x.shape
         heads, w = self.heads(x.device), self.weights()
         q_nope, q_rope = attn.queries(self.q_proj(x).view(B, T, self.H, -1), positions, heads, w)
@@ -268,7 +272,18 @@ class LatentAttention(nn.Module):
             o = attn.absorbed_attention(q_nope, q_rope, *cached, attn.causal_mask(positions, k_pos, key_padding), heads, w)
         else:
             o = attn.expanded_attention(q_nope, q_rope, *cached, sdpa_mask(positions, k_pos, key_padding, cache), heads, w)
-        return self.o_proj(o.to(x.dtype).reshape(B, T, self.H * self.d_h))
+        out = self.o_proj(o.to(x.dtype).reshape(B, T, self.H * self.d_h))
+        if features is None:
+            return out
+        if features == "latent":  # what the cache holds: the latent's key and value parts, per latent group
+            lat = self.layer.latent
+            return out, (c[..., lat.k_slice].unflatten(-1, (lat.groups, -1)), c[..., lat.v_slice].unflatten(-1, (lat.groups, -1)))
+        scale = new.get("key_scale")  # "heads": this step's keys and values rebuilt per KV head
+        keys = attn.rebuilt_keys(c, positions, scale, heads, w) if heads.d_n else None
+        if heads.R_H:
+            rope = new["rope"].float().index_select(-2, heads.slot_of_kv)
+            keys = rope if keys is None else torch.cat((keys, rope), dim=-1)
+        return out, (keys, attn.values(c, heads, w))
 
 
 class HeadAttention(nn.Module):
@@ -293,7 +308,7 @@ class HeadAttention(nn.Module):
         self.k_norm = RMSNorm(self.d_h, self.eps) if spec.qk_norm else None
         self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64, device="cpu")  # not a buffer, see LatentAttention
 
-    def forward(self, x, positions, cache, key_padding, path):
+    def forward(self, x, positions, cache, key_padding, path, features: str | None = None):
         B, T, _ = x.shape
         q, k = attn.head_queries_keys(
             self.q_proj(x).view(B, T, self.H, self.d_h), self.k_proj(x).view(B, T, self.G, self.d_h), positions,
@@ -308,7 +323,8 @@ class HeadAttention(nn.Module):
         o = attn.sdpa_attention(q.float().transpose(1, 2), k_all, v_all, sdpa_mask(positions, k_pos, key_padding, cache),
                                 self.layer.softmax_scale)
         o = o.transpose(1, 2).to(x.dtype)  # [B, T, H, d_v]
-        return self.o_proj(o.reshape(B, T, self.H * self.d_v))
+        out = self.o_proj(o.reshape(B, T, self.H * self.d_v))
+        return out if features is None else (out, (k, v))
 
 
 class DecoderLayer(nn.Module):
@@ -321,8 +337,18 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, positions, cache, key_padding, path):
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_padding, path)
+    def forward(self, x, positions, cache, key_padding, path, token_filter: TokenFilterOptions | None = None):
+        h = self.input_layernorm(x)
+        if token_filter is None:
+            a = self.self_attn(h, positions, cache, key_padding, path)
+        else:  # Token Filtering: redundant tokens' attention output is dropped (their K/V stay cached)
+            a, (k, v) = self.self_attn(h, positions, cache, key_padding, path, features=token_filter.features)
+            state = cache.filter_state if cache is not None else FilterState()
+            valid = key_padding[:, -x.shape[1]:] if key_padding is not None else None
+            keep = keep_mask(k, v, state, token_filter, valid)
+            self.last_keep = keep
+            a = a * keep[..., None].to(a.dtype)
+        x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -353,10 +379,12 @@ class LatentKVModel(LatentKVPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids, positions, cache, key_padding, path):
+    def forward(self, input_ids, positions, cache, key_padding, path, token_filter: TokenFilterOptions | None = None):
         x = self.embed_tokens(input_ids)
+        filtered = token_filter.filtered_layers(len(self.layers)) if token_filter is not None else set()
         for i, layer in enumerate(self.layers):
-            x = layer(x, positions, cache.layers[i] if cache is not None else None, key_padding, path)
+            x = layer(x, positions, cache.layers[i] if cache is not None else None, key_padding, path,
+                      token_filter if i in filtered else None)
         return self.norm(x)
 
 
@@ -368,6 +396,7 @@ class LatentKVForCausalLM(LatentKVPreTrainedModel, GenerationMixin):
         self.model = LatentKVModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attn_path: AttnPath = "auto"
+        self.token_filter: TokenFilterOptions | None = None  # serving-time option, off by default
         self.post_init()
 
     @classmethod
@@ -417,7 +446,7 @@ class LatentKVForCausalLM(LatentKVPreTrainedModel, GenerationMixin):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        hidden = self.model(input_ids, position_ids, cache, attention_mask, self.attn_path)
+        hidden = self.model(input_ids, position_ids, cache, attention_mask, self.attn_path, self.token_filter)
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         logits = self.lm_head(hidden[:, keep]).float()
         loss = None
