@@ -11,10 +11,10 @@ what is left of ``--budget``; a step that cannot fit is skipped and says so.
 
 Steps (GPU budget, and why it should take that long):
 
-1. ``kernels``  (120 s) our Triton kernels natively (``LATENTKV_KERNEL_DEVICE=cuda``: CUDA tensors,
+1. ``kernels``  (110 s) our Triton kernels natively (``LATENTKV_KERNEL_DEVICE=cuda``: CUDA tensors,
    bf16 added, the per-dtype tolerances of ``tests/kernels/kernel_helpers.py``). About 230 tests;
    each distinct specialisation JIT-compiles once (~40 of them, ~1.5 s each), launches are ms.
-2. ``engine``   (180 s) the engine tests on CUDA for every layer kind, greedy tokens and prompt
+2. ``engine``   (170 s) the engine tests on CUDA for every layer kind, greedy tokens and prompt
    logprobs equal to the reference model: shared on vLLM's MLA (FlashMLA / Triton MLA), partial,
    full RoPE on our kernels, INT4, compiled (the default: torch.compile + CUDA graphs). About 7
    engine starts of tiny models; each compiles (~15 s) and captures graphs (~5 s).
@@ -29,8 +29,8 @@ Steps (GPU budget, and why it should take that long):
 6. ``speed-b1`` (110 s) batch 1 at 8K and 32K, source vs converted 50% (two servers); last, so it
    runs only in the time the others left.
 
-Budgets 120 + 180 + 200 + 70 + 40 = 610 s for the five required steps; the default ``--budget`` of
-600 s plus the 30-40 s of Python start-up keep the window's run at about ten minutes. ``benchmarks/decode_cost_model.py``
+Budgets 110 + 170 + 200 + 70 + 40 = 590 s for the five required steps, under the default
+``--budget`` of 600 s: the run ends within ten minutes of its start. ``benchmarks/decode_cost_model.py``
 states the speed-up each configuration of step 3 should show (its "gpu_validate predictions"
 table), so the window's numbers can be judged against it at once.
 
@@ -73,11 +73,12 @@ def steps(out: Path) -> list[Step]:
     pytest = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
     serving = [py, "benchmarks/serving.py", "--out-dir", str(out), "--max-tokens", "32", "--warmup", "1"]
     return [
-        Step("kernels", 120,
+        Step("kernels", 110,
              gpu=pytest + ["tests/kernels"],
-             cpu=pytest + ["tests/kernels/test_latent_cache_write.py", "-k", "block_t and 16"],
+             cpu=pytest + ["tests/kernels/test_latent_cache_write.py::test_latent_cache_write_strided_cache",
+                           "tests/kernels/test_latent_decode.py::test_int4_decode_after_triton_write"],
              env={"LATENTKV_KERNEL_DEVICE": "cuda", "LATENTKV_CPU_PLATFORM": "0"}),
-        Step("engine", 180,
+        Step("engine", 170,
              gpu=pytest + ["tests/vllm/test_latent_models.py", "tests/vllm/test_vllm_mla_engine.py",
                            "tests/vllm/test_latent_triton_decode.py", "tests/vllm/test_latent_engine.py", "-k",
                            "not tp"],
@@ -114,7 +115,7 @@ def run_steps(out: Path, budget: float, dry: bool) -> list[Step]:
     for step in steps(out):
         left = deadline - time.monotonic()
         allowed = min(step.budget, left) if not dry else max(step.budget * 3, 60)
-        if allowed < 10:
+        if allowed < min(10, step.budget):  # too little left to be worth starting
             step.status = f"skipped: {left:.0f} s left of the {budget:.0f} s budget"
             done.append(step)
             continue
@@ -144,9 +145,12 @@ def _last_line(path: Path) -> str:
 
 
 def write_summary(out: Path, done: list[Step], budget: float, dry: bool) -> None:
-    total = sum(s.budget for s in done)
-    rows = [f"# GPU validation {'dry run (CPU)' if dry else 'run'}", "",
-            f"Budget {budget:.0f} s; the steps' GPU budgets add up to {total:.0f} s.", "",
+    required = sum(s.budget for s in done if s.name != "speed-b1")
+    rows = [f"# GPU validation {'dry run (CPU)' if dry else 'run'} (`scripts/gpu_validate.sh`)", "",
+            f"Budget {budget:.0f} s; the required steps' GPU budgets add up to {required:.0f} s (speed-b1 runs only "
+            "in what they leave). A dry run uses CPU stand-ins for each step (the CPU platform, the Triton "
+            "interpreter, stories260K) with three times the budgets: its seconds check the plumbing, not GPU speed.",
+            "",
             "| step | status | seconds | GPU budget s | last line of its log |", "|---|---|---|---|---|"]
     rows += [f"| {s.name} | {s.status} | {s.seconds} | {s.budget:.0f} | {s.result.replace('|', '/')} |" for s in done]
     (out / "summary.md").write_text("\n".join(rows) + "\n")
