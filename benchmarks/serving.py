@@ -411,13 +411,7 @@ def timed_request(base_url: str, model: str, prompt: list[int], max_tokens: int,
                                prompt_tokens=int(usage.get("prompt_tokens", 0)) if usage else 0, itl_s=itl,
                                t_start=t0, token_times=times)
     except Exception as exc:  # noqa: BLE001 - every failure is a data point
-        detail = ""
-        if isinstance(exc, urllib.error.HTTPError):
-            try:
-                detail = ": " + exc.read().decode("utf-8", "replace")[:300]
-            except Exception:  # noqa: BLE001
-                pass
-        return TimedResult(ok=False, latency_s=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}{detail}")
+        return TimedResult(ok=False, latency_s=time.perf_counter() - t0, error=lt.failure_text(exc))
 
 
 SERVER_METRICS = ("vllm:inter_token_latency_seconds", "vllm:time_to_first_token_seconds",

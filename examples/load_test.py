@@ -240,13 +240,18 @@ def one_request(
                 prompt_tokens=int(usage.get("prompt_tokens", 0)) if usage else 0,
             )
     except Exception as exc:  # noqa: BLE001 - every failure is a data point, not a crash
-        detail = ""
-        if isinstance(exc, urllib.error.HTTPError):
-            try:
-                detail = ": " + exc.read().decode("utf-8", "replace")[:200]
-            except Exception:  # noqa: BLE001
-                pass
-        return RequestResult(ok=False, latency_s=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}{detail}")
+        return RequestResult(ok=False, latency_s=time.perf_counter() - t0, error=failure_text(exc))
+
+
+def failure_text(exc: Exception, limit: int = 300) -> str:
+    """The exception as one line, with the start of the server's body for an HTTP error."""
+    detail = ""
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            detail = ": " + exc.read().decode("utf-8", "replace")[:limit]
+        except Exception:  # noqa: BLE001 - the body is a courtesy
+            pass
+    return f"{type(exc).__name__}: {exc}{detail}"
 
 
 def run_load_test(

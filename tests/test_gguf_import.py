@@ -21,6 +21,7 @@ import torch
 from converters.importers import smollm2 as sm
 from converters.importers.gguf import _unpermute_rope_rows, import_gguf, read_gguf_config, supported_quant_types
 from latentkv.checkpoint import CheckpointError, read_header
+from tests.helpers import load_hf, load_tokenizer
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -355,16 +356,12 @@ def test_cached_gguf_is_the_pinned_file(smollm2_gguf_path):
 
 @pytest.fixture(scope="module")
 def smol_model(smollm2_hf_dir):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(smollm2_hf_dir, dtype=torch.float32).eval()
+    return load_hf(smollm2_hf_dir)
 
 
 @pytest.fixture(scope="module")
 def smol_tok(smollm2_hf_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_hf_dir)
+    return load_tokenizer(smollm2_hf_dir)
 
 
 def test_smollm2_files_and_config(smollm2_hf_dir):

@@ -17,6 +17,7 @@ from converters.importers.llama2c_tokenizer import (
     llama2c_encode,
     read_llama2c_tokenizer,
 )
+from tests.helpers import load_hf, load_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MODEL_DIR = DATA / "models" / "stories260K"
@@ -37,16 +38,12 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_model(hf_dir):
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    return load_hf(hf_dir)
 
 
 @pytest.fixture(scope="module")
 def hf_tok(hf_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(hf_dir)
+    return load_tokenizer(hf_dir)
 
 
 @pytest.fixture(scope="module")

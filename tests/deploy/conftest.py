@@ -61,20 +61,21 @@ def find_tool(name: str) -> tuple[str | None, str]:
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def helm_bin() -> str:
-    path, why = find_tool("helm")
+def _tool_or_skip(name: str) -> str:
+    path, why = find_tool(name)
     if path is None:
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(scope="session")
+def helm_bin() -> str:
+    return _tool_or_skip("helm")
 
 
 @pytest.fixture(scope="session")
 def hadolint_bin() -> str:
-    path, why = find_tool("hadolint")
-    if path is None:
-        pytest.skip(why)
-    return path
+    return _tool_or_skip("hadolint")
 
 
 @pytest.fixture(scope="session")
