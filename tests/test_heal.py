@@ -18,7 +18,7 @@ from converters.cli import DATA, main
 from converters.convert import ConvertOptions, convert
 from converters.heal import HealOptions, heal
 from converters.importers.llama2c import import_llama2c, packaged_stories260k
-from tests.helpers import PLAIN_SVD
+from tests.helpers import PLAIN_SVD, load_latent
 
 TRAIN = str(DATA / "text" / "tinystories_a.txt")
 HELD_OUT = str(DATA / "text" / "tinystories_sample.txt")
@@ -59,6 +59,8 @@ def test_heal_lowers_held_out_perplexity(pair, tmp_path, one_torch_thread):
     assert config["latent_kv"]["layers"] == json.loads((conv / "config.json").read_text())["latent_kv"]["layers"]
     assert config["latent_kv"]["method"]["params"]["heal"]["steps"] == 30
     assert (out / "tokenizer.json").is_file() or (out / "tokenizer.model").is_file()
+    healed = load_latent(out)  # the reference model reads it (and validates it against its config first)
+    assert healed(torch.tensor([[1, 403, 407]])).logits.isfinite().all()
 
 
 def _heal_cli(conv, src, out, *extra):
