@@ -67,31 +67,50 @@ def run_curve(label: str, src: Path, work: Path, a: argparse.Namespace) -> dict:
                        eval_seq_len=1024, seq_len=a.seq_len, batch_size=a.batch_size, steps=a.steps, lr=a.lr,
                        eval_every=a.eval_every, save_every=a.steps, checkpoint_dir=str(work / f"{label}-checkpoints"))
     report = heal(conv, work / f"{label}-healed", opts, overwrite=True)
-    return {"label": label, "convert_seconds": round(convert_s, 1), **report}
+    settings = {"lr": a.lr, "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len}
+    return {"label": label, "convert_seconds": round(convert_s, 1), "settings": settings, **report}
+
+
+def merged(curves: list[dict], source: float, a: argparse.Namespace, out: Path) -> list[dict]:
+    """This run's curves, plus the earlier runs' curves of other labels (same source score and windows)."""
+    path = out.with_suffix(".json")
+    if path.is_file():
+        old = json.loads(path.read_text())
+        same = abs(old.get("source", 0) - source) < 1e-6 and old.get("eval_windows") == a.eval_windows
+        labels = {c["label"] for c in curves}
+        if same:
+            curves = [c for c in old["curves"] if c["label"] not in labels] + curves
+    order = list(CURVES)
+    return sorted(curves, key=lambda c: (order.index(c["label"]), c["settings"]["lr"]))
 
 
 def write_results(curves: list[dict], source: float, a: argparse.Namespace, out: Path) -> None:
-    out.with_suffix(".json").write_text(json.dumps({"source": source, "curves": curves, "args": vars(a)}, indent=2))
+    curves = merged(curves, source, a, out)
+    out.with_suffix(".json").write_text(json.dumps({"source": source, "eval_windows": a.eval_windows,
+                                                    "curves": curves}, indent=2))
     lines = [
         "# Healing SmolLM2-135M-Instruct (`benchmarks/smollm2_heal.py`)",
         "",
-        f"KL distillation from the source, latent projections trained, {a.steps} steps of {a.batch_size} x "
-        f"{a.seq_len} tokens (C4 sample), lr {a.lr} cosine. Perplexity on WikiText-2 test, the first "
-        f"{a.eval_windows} windows of 1024 tokens; source {source:.3f}. Each curve starts from the default "
-        "one-shot recipe (root covariance + refinement).",
+        "KL distillation from the source, latent projections trained, AdamW with a cosine schedule, on the C4 "
+        f"sample. Perplexity on WikiText-2 test, the first {a.eval_windows} windows of 1024 tokens; source "
+        f"{source:.3f}. Each curve starts from the default one-shot recipe (root covariance + refinement); "
+        "its steps (of batch x sequence tokens) and peak learning rate are in its row.",
         "",
-        "| curve | tokens seen | perplexity | x source | gap to the source closed |",
-        "|---|---|---|---|---|",
+        "| curve | steps x tokens, lr | tokens seen | perplexity | x source | gap to the source closed |",
+        "|---|---|---|---|---|---|",
     ]
     for c in curves:
         start = c["history"][0]["perplexity"]
+        st = c["settings"]
+        setting = f"{st['steps']} x {st['batch_size']}x{st['seq_len']}, {st['lr']:g}"
         for row in c["history"]:
             closed = (start - row["perplexity"]) / (start - source) if start > source else float("nan")
-            lines.append(f"| {c['label']} | {row['tokens']:,} | {row['perplexity']:.3f} | "
+            lines.append(f"| {c['label']} | {setting} | {row['tokens']:,} | {row['perplexity']:.3f} | "
                          f"{row['perplexity'] / source:.3f} | {closed:.0%} |")
     lines += ["", "| curve | conversion s | healing s | tokens/s |", "|---|---|---|---|"]
     for c in curves:
-        lines.append(f"| {c['label']} | {c['convert_seconds']} | {c['seconds']} | {c['tokens'] / c['seconds']:.0f} |")
+        lines.append(f"| {c['label']} (lr {c['settings']['lr']:g}) | {c['convert_seconds']} | {c['seconds']} | "
+                     f"{c['tokens'] / c['seconds']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -102,7 +121,8 @@ def write_results(curves: list[dict], source: float, a: argparse.Namespace, out:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for c in curves:
-        ax.plot([r["tokens"] for r in c["history"]], [r["perplexity"] / source for r in c["history"]], "o-", label=c["label"])
+        ax.plot([r["tokens"] for r in c["history"]], [r["perplexity"] / source for r in c["history"]], "o-",
+                label=f"{c['label']} (lr {c['settings']['lr']:g})")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.axhline(1.1, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("tokens seen")
