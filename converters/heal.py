@@ -169,8 +169,6 @@ def _trainer_classes():
             out = model(input_ids=ids)
             teacher_logits = None
             if self.heal.kl_weight:
-                if next(self.teacher.parameters()).device != ids.device:
-                    self.teacher.to(ids.device)
                 with torch.no_grad():
                     teacher_logits = self.teacher(input_ids=ids).logits
             loss = distillation_loss(out.logits, teacher_logits, ids, self.heal.kl_weight, self.heal.lm_weight,
@@ -285,6 +283,7 @@ def heal(converted: str | Path, out: str | Path, opts: HealOptions, overwrite: b
         seed=opts.seed, data_seed=opts.seed, remove_unused_columns=False, dataloader_drop_last=True,
         use_cpu=not cuda, disable_tqdm=False,
     )
+    teacher.to(args.device)  # once: the Trainer places the student on the same device
     world = max(1, args.world_size)
     tokens_per_step = opts.batch_size * opts.grad_accum * opts.seq_len * world
     trainer_cls, callback_cls = _trainer_classes()

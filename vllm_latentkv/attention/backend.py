@@ -174,6 +174,9 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         kernel_dtype = torch.float32 if self.layout.int4 else self.layout.dtype
         self.kernel_w_uk = None if self.weights.w_uk is None else self.weights.w_uk.to(kernel_dtype).contiguous()
         self.num_kv_splits = 4 if torch.device(device).type == "cpu" else 8
+        # (start, length) of the key and value latents in the row (all groups), for the kernels
+        self.k_range = (h.k_slice.start, h.k_slice.stop - h.k_slice.start)
+        self.v_range = (h.v_slice.start, h.v_slice.stop - h.v_slice.start)
 
     # -- every step ------------------------------------------------------------------------------
     def forward(self, q_nope, q_rope, latent, tail, kv_cache, meta: "LatentKVMetadata", slot_mapping) -> torch.Tensor:
@@ -259,7 +262,6 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         h, L = self.heads, self.layout
         cache = _rows(kv_cache)
         B, H = q_nope.shape[:2]
-        lat = self._latent_ranks()
         paged = (meta.decode_block_table, meta.decode_seq_lens, h.scale)
         kernel_dtype = torch.float32 if L.int4 else cache.dtype
         common = dict(out_dtype=torch.float32, num_kv_splits=self.num_kv_splits)
@@ -268,7 +270,7 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
             w = self.weights
             o_lat, _ = (kernels.full_rope_decode_attention_int4 if L.int4 else kernels.full_rope_decode_attention)(
                 q_nope.to(kernel_dtype).contiguous(), cache, self.kernel_w_uk, self.inv_freq, *paged,
-                key_groups=h.n_grp, key_groups_used=self.key_groups_used, v_range=lat["v_range"], b_k=w.b_k,
+                key_groups=h.n_grp, key_groups_used=self.key_groups_used, v_range=self.v_range, b_k=w.b_k,
                 k_gain=w.k_gain, norm_eps=h.eps, **common, **int4,
             )
         else:
@@ -279,19 +281,13 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
                 q_lat = spread.flatten(2)
             o_lat, _ = (kernels.latent_decode_attention_int4 if L.int4 else kernels.latent_decode_attention)(
                 q_lat.to(kernel_dtype).contiguous(), q_rope.to(kernel_dtype).contiguous(), cache, *paged,
-                rope_heads=L.rope_heads, rope_slots=self.rope_slots, k_range=lat["k_range"], v_range=lat["v_range"],
+                rope_heads=L.rope_heads, rope_slots=self.rope_slots, k_range=self.k_range, v_range=self.v_range,
                 **common, **int4,
             )
         if h.n_grp > 1:  # [B, H, n_grp r_v'] -> each head's own chunk
             o_lat = o_lat.view(B, H, h.n_grp, -1)
             o_lat = o_lat.gather(2, self.chunk_of_head.expand(B, H, 1, o_lat.shape[-1])).squeeze(2)
         return attn.values_from_latent(o_lat, h, self.weights)
-
-    def _latent_ranks(self) -> dict[str, tuple[int, int]]:
-        """(start, length) of the key and value latents in the row (all groups)."""
-        h = self.heads
-        k_len = h.k_slice.stop - h.k_slice.start
-        return {"k_range": (h.k_slice.start, k_len), "v_range": (h.v_slice.start, h.v_slice.stop - h.v_slice.start)}
 
 
 def _rows(kv_cache: torch.Tensor) -> torch.Tensor:
