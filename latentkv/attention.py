@@ -242,6 +242,26 @@ def values(latent: torch.Tensor, heads: LatentHeads, w: LatentWeights) -> torch.
     return up_project(latent_chunks(latent, heads.v_slice, heads), w.w_uv, w.b_v)
 
 
+def head_keys(latent, rope_k, key_scale, k_pos, heads: LatentHeads, w: LatentWeights) -> torch.Tensor:
+    """The keys attention sees, per KV head: [rebuilt NoPE part | rope part] [..., S, G, d_n + R_D] float32."""
+    parts = []
+    if heads.d_n:
+        parts.append(rebuilt_keys(latent, k_pos, key_scale, heads, w))
+    if heads.R_H:
+        parts.append(rope_k.float().index_select(-2, heads.slot_of_kv))
+    return torch.cat(parts, dim=-1)
+
+
+def token_filter_features(latent, rope_k, key_scale, k_pos, heads: LatentHeads, w: LatentWeights, kind: str):
+    """Token Filtering's (key, value) features of cached tokens (``latentkv.token_filter``), per head:
+    "latent": the cached latent's key and value parts per latent group [..., S, n_grp, r / n_grp];
+    "heads": the keys and values attention sees, rebuilt per KV head [..., S, G, .]."""
+    if kind == "latent":
+        split = lambda part: latent[..., part].float().unflatten(-1, (heads.n_grp, -1))  # noqa: E731
+        return split(heads.k_slice), split(heads.v_slice)
+    return head_keys(latent, rope_k, key_scale, k_pos, heads, w), values(latent, heads, w)
+
+
 def expanded_attention(q_nope, q_rope, latent, rope_k, key_scale, k_pos, mask, heads: LatentHeads, w: LatentWeights):
     """Prefill: keys and values rebuilt from the cache, then one GQA SDPA call -> o [..., T, H, d_h].
 
@@ -250,15 +270,8 @@ def expanded_attention(q_nope, q_rope, latent, rope_k, key_scale, k_pos, mask, h
     score tensor). q [..., T, H, .], latent [..., S, W], rope_k [..., S, R_H, R_D], mask as in
     :func:`sdpa_attention`.
     """
-    q_parts, k_parts = [], []
-    if heads.d_n:
-        q_parts.append(q_nope)
-        k_parts.append(rebuilt_keys(latent, k_pos, key_scale, heads, w))
-    if heads.R_H:
-        q_parts.append(q_rope)
-        k_parts.append(rope_k.float().index_select(-2, heads.slot_of_kv))
-    q, k = torch.cat(q_parts, dim=-1), torch.cat(k_parts, dim=-1)
-    v = values(latent, heads, w)
+    q = torch.cat([p for p, used in ((q_nope, heads.d_n), (q_rope, heads.R_H)) if used], dim=-1)
+    k, v = head_keys(latent, rope_k, key_scale, k_pos, heads, w), values(latent, heads, w)
     o = sdpa_attention(q.transpose(-3, -2), k.transpose(-3, -2), v.transpose(-3, -2), mask, heads.scale)
     return o.transpose(-3, -2)
 

@@ -149,6 +149,7 @@ class LatentKVSpec(_Strict):
     qk_norm: bool = False
     cache_dtype: Literal["auto", "int4"] = "auto"
     int4_group_size: int = Field(default=32, ge=2)
+    token_filter: dict[str, Any] | None = None  # serving default: Token Filtering's options (latentkv.token_filter)
     layers: list[LayerSpec]
 
     @model_validator(mode="after")
@@ -159,6 +160,19 @@ class LatentKVSpec(_Strict):
                 f"(it reads version {FORMAT_VERSION}); upgrade latentkv or reconvert the model"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_token_filter(self) -> "LatentKVSpec":
+        self.token_filter_options()  # raises ValueError naming the bad option
+        return self
+
+    def token_filter_options(self):
+        """The Token Filtering options a server applies by default (None: off)."""
+        if self.token_filter is None:
+            return None
+        from latentkv.token_filter import TokenFilterOptions
+
+        return TokenFilterOptions.from_dict(self.token_filter)
 
 
 class ModelDims(_Strict):

@@ -39,7 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from latentkv import attention as attn
 from latentkv import format as fmt
 from latentkv import int4
-from latentkv.token_filter import FilterState, TokenFilterOptions, keep_mask
+from latentkv.token_filter import TokenFilterOptions, keep_last
 
 AttnPath = Literal["auto", "expand", "absorb"]
 
@@ -105,7 +105,6 @@ class _LayerEntries(CacheLayerMixin):
         super().__init__()
         self.entries: dict[str, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None  # [B, S]; bookkeeping like vLLM's slot mapping, not KV data
-        self.filter_state = FilterState()  # Token Filtering's per-request state (anchors, threshold)
 
     def lazy_initialization(self, key_states, value_states) -> None:  # unused: entries are named
         self.is_initialized = True
@@ -134,7 +133,7 @@ class _LayerEntries(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.entries, self.positions, self.filter_state = {}, None, FilterState()
+        self.entries, self.positions = {}, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.entries = {k: v.index_select(0, beam_idx) for k, v in self.entries.items()}
@@ -250,9 +249,9 @@ class LatentAttention(nn.Module):
             k_gain=k_gain, rope_k_gain=k_gain if self.layer.num_rope_heads else None,
         )
 
-    def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath, features: str | None = None):
-        """Attention output [B, T, D]; with ``features`` ("latent" | "heads") also this step's
-        (key, value) features per head for Token Filtering (``latentkv.token_filter``)."""
+    def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath, with_cached: bool = False):
+        """Attention output [B, T, D]; ``with_cached``: also what the layer now has cached (for
+        :meth:`filter_features`)."""
         B, T, _ = x.shape
         heads, w = self.heads(x.device), self.weights()
         q_nope, q_rope = attn.queries(self.q_proj(x).view(B, T, self.H, -1), positions, heads, w)
@@ -273,17 +272,12 @@ class LatentAttention(nn.Module):
         else:
             o = attn.expanded_attention(q_nope, q_rope, *cached, sdpa_mask(positions, k_pos, key_padding, cache), heads, w)
         out = self.o_proj(o.to(x.dtype).reshape(B, T, self.H * self.d_h))
-        if features is None:
-            return out
-        if features == "latent":  # what the cache holds: the latent's key and value parts, per latent group
-            lat = self.layer.latent
-            return out, (c[..., lat.k_slice].unflatten(-1, (lat.groups, -1)), c[..., lat.v_slice].unflatten(-1, (lat.groups, -1)))
-        scale = new.get("key_scale")  # "heads": this step's keys and values rebuilt per KV head
-        keys = attn.rebuilt_keys(c, positions, scale, heads, w) if heads.d_n else None
-        if heads.R_H:
-            rope = new["rope"].float().index_select(-2, heads.slot_of_kv)
-            keys = rope if keys is None else torch.cat((keys, rope), dim=-1)
-        return out, (keys, attn.values(c, heads, w))
+        return (out, cached) if with_cached else out
+
+    def filter_features(self, cached, kind: str, n: int):
+        """Token Filtering's (key, value) features of the last n cached tokens (``latentkv.token_filter``)."""
+        latent, rope, scale, k_pos = (None if t is None else t[:, -n:] for t in cached)
+        return attn.token_filter_features(latent, rope, scale, k_pos, self.heads(latent.device), self.weights(), kind)
 
 
 class HeadAttention(nn.Module):
@@ -308,7 +302,7 @@ class HeadAttention(nn.Module):
         self.k_norm = RMSNorm(self.d_h, self.eps) if spec.qk_norm else None
         self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64, device="cpu")  # not a buffer, see LatentAttention
 
-    def forward(self, x, positions, cache, key_padding, path, features: str | None = None):
+    def forward(self, x, positions, cache, key_padding, path, with_cached: bool = False):
         B, T, _ = x.shape
         q, k = attn.head_queries_keys(
             self.q_proj(x).view(B, T, self.H, self.d_h), self.k_proj(x).view(B, T, self.G, self.d_h), positions,
@@ -324,7 +318,11 @@ class HeadAttention(nn.Module):
                                 self.layer.softmax_scale)
         o = o.transpose(1, 2).to(x.dtype)  # [B, T, H, d_v]
         out = self.o_proj(o.reshape(B, T, self.H * self.d_v))
-        return out if features is None else (out, (k, v))
+        return (out, (entries["k"], entries["v"])) if with_cached else out
+
+    def filter_features(self, cached, kind: str, n: int):
+        """Token Filtering's features of the last n cached tokens: the cached keys (rotated) and values."""
+        return cached[0][:, -n:], cached[1][:, -n:]
 
 
 class DecoderLayer(nn.Module):
@@ -342,14 +340,26 @@ class DecoderLayer(nn.Module):
         if token_filter is None:
             a = self.self_attn(h, positions, cache, key_padding, path)
         else:  # Token Filtering: redundant tokens' attention output is dropped (their K/V stay cached)
-            a, (k, v) = self.self_attn(h, positions, cache, key_padding, path, features=token_filter.features)
-            state = cache.filter_state if cache is not None else FilterState()
-            valid = key_padding[:, -x.shape[1]:] if key_padding is not None else None
-            keep = keep_mask(k, v, state, token_filter, valid)
-            self.last_keep = keep
+            a, cached = self.self_attn(h, positions, cache, key_padding, path, with_cached=True)
+            keep = self.filter_decisions(cached, key_padding, x.shape[1], token_filter)
+            self.last_keep = keep.float()
             a = a * keep[..., None].to(a.dtype)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def filter_decisions(self, cached, key_padding, T: int, opts: TokenFilterOptions) -> torch.Tensor:
+        """Keep [B, T] (bool) for this step's T tokens, from the features of what the layer has
+        cached: the decisions need no state of their own (``latentkv.token_filter``)."""
+        S = cached[0].shape[1]
+        n = min(S, T + opts.context)
+        k, v = self.self_attn.filter_features(cached, opts.features, n)
+        if key_padding is None:  # every cached token is real, numbered from 0
+            index = torch.arange(S - n, S, device=k.device).expand(k.shape[0], n)
+            valid = torch.ones_like(index, dtype=torch.bool)
+        else:  # left padding: count the real tokens
+            real = key_padding[:, -S:].bool()
+            index, valid = (real.long().cumsum(-1) - 1)[:, -n:], real[:, -n:]
+        return keep_last(k, v, valid, index, T, opts, self.self_attn.layer_idx)
 
 
 class LatentKVPreTrainedModel(PreTrainedModel):
@@ -396,7 +406,8 @@ class LatentKVForCausalLM(LatentKVPreTrainedModel, GenerationMixin):
         self.model = LatentKVModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attn_path: AttnPath = "auto"
-        self.token_filter: TokenFilterOptions | None = None  # serving-time option, off by default
+        # serving-time option: the checkpoint's default (latent_kv.token_filter), off unless it has one
+        self.token_filter: TokenFilterOptions | None = config.spec.token_filter_options()
         self.post_init()
 
     @classmethod

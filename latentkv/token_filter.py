@@ -9,26 +9,33 @@ is kept; redundant tokens' attention is skipped. Secondary summaries add running
 (g about 0.9), cosine similarity, tail-focused layer-wise thresholds and a warm-up. Everything
 else below is our choice, each an option with its default.
 
-Per request, filtered layer l and head h (a KV head, or a latent group; see ``features``):
+Per request, filtered layer l and head h (a KV head, or a latent group; see ``features``), for the
+token at index t of the request (x = its key or value feature):
 
-    sK_h = cos(k_h, A^K_h),  sV_h = cos(v_h, A^V_h)                  against the anchors before this token
+    A_t  = sum_{j=1..W} g^(j-1) x_(t-j)                 anchor: running average of the tokens before t (a)
+    sK_h = cos(k_t,h, A^K_t,h),  sV_h = cos(v_t,h, A^V_t,h)
     w_K = 1 / (var_h sK + eps),  w_V = 1 / (var_h sV + eps)         (variance-aware fusion: the assumed form)
-    s = (w_K mean_h sK + w_V mean_h sV) / (w_K + w_V)
-    skip the token's attention sub-layer (output 0, residual passes) if s > tau_l and past the warm-up;
-    fusion "veto": also keep it whenever std_h sK or std_h sV exceeds ``veto_std``
-    A^K_h <- g A^K_h + (1 - g) k_h (likewise A^V), every token; the first token sets them
-    tau_l: the (1 - f) quantile of the warm-up tokens' scores, then tau <- tau + eta (1[s > tau] - f)
-           per token (a stochastic-approximation quantile tracker: skips a fraction f, O(1) state)
+    s_t = (w_K mean_h sK + w_V mean_h sV) / (w_K + w_V)
+    tau_t = the (1 - f) quantile of s over the Q tokens before t     (a layer-wise threshold skipping f)
+    skip t's attention sub-layer (its output is 0, the residual passes) if s_t > tau_t, t >= warm-up;
+    fusion "veto": also keep it whenever std_h sK or std_h sV exceeds ``veto_std``.
 
-A skipped token's K/V (or latent) is cached as always: later tokens still attend to it. Prefill
-decides position by position with the state of the positions before it, so prefill and decode make
-the same decisions. State per request and layer: two anchors per head, tau, a token count and the
-warm-up scores.
+(a) The running average ``A <- g A + (1 - g) x`` truncated to its last W terms: cosine similarity
+ignores the scale, and with g = 0.9 the terms beyond W = 64 weigh under 0.12% together.
+
+A skipped token's K/V (or latent) is cached as always: later tokens still attend to it. Why the
+windows: the decision for token t is a pure function of the features of tokens t - Q - W .. t,
+which the KV cache holds. So no per-request state has to be kept anywhere: a serving engine
+recomputes it from the cache (vLLM: from the paged latent cache, see
+``vllm_latentkv.attention.backend``), and it survives preemption, chunked prefill and prefix-cache
+hits by construction; prefill (all positions at once) and decode (one at a time) make the same
+decisions. Per decode step and filtered layer this reads Q + W + 1 cached rows (193 by default),
+against the whole context the attention itself reads.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -42,13 +49,43 @@ class TokenFilterOptions:
     skip_fraction: float = 0.25  # f: target fraction of tokens skipped in each filtered layer
     layers: Literal["later_half", "all"] | tuple[int, ...] = "later_half"  # "tail-focused"
     decay: float = 0.9  # g of the anchors' running average
+    anchor_window: int = 64  # W: tokens in the anchor's running average
+    threshold_window: int = 128  # Q: earlier tokens whose scores set the threshold
     warmup: int = 16  # the first tokens of a request are never skipped
     fusion: Literal["inverse_variance", "veto"] = "inverse_variance"
     veto_std: float = 0.25  # fusion "veto": keep a token whose similarity spread over heads exceeds this
-    tracker_rate: float = 0.02  # eta of the threshold tracker
     features: Literal["latent", "heads"] = "latent"  # latent layers: the cached latent, or rebuilt per-head K/V
     score: Literal["kv", "key"] = "kv"  # "key": the key-only baseline (KeyDiff-style, key vs its anchor)
     random_seed: int | None = None  # set: skip a random fraction f instead (the random baseline)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.skip_fraction < 1:
+            problems.append(f"skip_fraction must be in [0, 1), got {self.skip_fraction}")
+        if not 0 < self.decay < 1:
+            problems.append(f"decay must be in (0, 1), got {self.decay}")
+        if self.anchor_window < 1 or self.threshold_window < 1 or self.warmup < 2:
+            problems.append("anchor_window and threshold_window must be >= 1 and warmup >= 2 "
+                            f"(got {self.anchor_window}, {self.threshold_window}, {self.warmup})")
+        if problems:
+            raise ValueError("token filter: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenFilterOptions":
+        """From a config / --hf-overrides dict (lists become tuples); unknown keys are an error."""
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"token filter: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(cls.__dataclass_fields__)}")
+        d = dict(d)
+        if isinstance(d.get("layers"), list):
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+    @property
+    def context(self) -> int:
+        """Tokens before the newest whose features a decision needs (Q + W)."""
+        return self.threshold_window + self.anchor_window
 
     def filtered_layers(self, num_layers: int) -> set[int]:
         if self.layers == "later_half":
@@ -58,66 +95,69 @@ class TokenFilterOptions:
         return set(self.layers)
 
 
-@dataclass
-class FilterState:
-    """One request batch's state in one layer (tensors [B, ...])."""
+def anchors(x: torch.Tensor, valid: torch.Tensor, count: int, opts: TokenFilterOptions) -> torch.Tensor:
+    """A_t for the last ``count`` positions: x [B, S, heads, d], valid [B, S] -> [B, count, heads, d].
 
-    anchor_k: torch.Tensor | None = None  # [B, heads, d]
-    anchor_v: torch.Tensor | None = None
-    tau: torch.Tensor | None = None  # [B]
-    seen: int = 0  # tokens of the request so far
-    warmup_scores: list[torch.Tensor] = field(default_factory=list)  # [B] each
-    generator: torch.Generator | None = None
+    The terms are added j = 1, 2, .. in the same order for every call, so a position's anchor is
+    the same number whether it is computed in a prefill or in a decode step."""
+    S = x.shape[1]
+    x = x.float() * valid[..., None, None]
+    out = torch.zeros_like(x[:, S - count:])
+    for j in range(1, opts.anchor_window + 1):
+        lo = S - count - j  # x_(t-j) for the first of the positions
+        if lo + count <= 0:
+            break
+        shifted = x[:, max(lo, 0): lo + count]
+        out[:, count - shifted.shape[1]:] += opts.decay ** (j - 1) * shifted
+    return out
 
 
-def fused_similarity(k: torch.Tensor, v: torch.Tensor, anchor_k: torch.Tensor, anchor_v: torch.Tensor,
-                     opts: TokenFilterOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """k, v, anchors [B, heads, d] -> (fused score [B], veto [B] bool: keep regardless)."""
-    s_k = F.cosine_similarity(k.float(), anchor_k, dim=-1)  # [B, heads]
+def fused_similarity(k, v, anchor_k, anchor_v, opts: TokenFilterOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v, anchors [..., heads, d] -> (fused score [...], veto [...] bool: keep regardless)."""
+    s_k = F.cosine_similarity(k.float(), anchor_k, dim=-1, eps=EPS)  # [..., heads]
+    no_veto = torch.zeros_like(s_k[..., 0], dtype=torch.bool)
     if opts.score == "key":
-        return s_k.mean(-1), torch.zeros_like(s_k[:, 0], dtype=torch.bool)
-    s_v = F.cosine_similarity(v.float(), anchor_v, dim=-1)
+        return s_k.mean(-1), no_veto
+    s_v = F.cosine_similarity(v.float(), anchor_v, dim=-1, eps=EPS)
     var_k, var_v = s_k.var(-1, unbiased=False), s_v.var(-1, unbiased=False)
     w_k, w_v = 1 / (var_k + EPS), 1 / (var_v + EPS)
     fused = (w_k * s_k.mean(-1) + w_v * s_v.mean(-1)) / (w_k + w_v)
-    veto = torch.zeros_like(fused, dtype=torch.bool)
     if opts.fusion == "veto":
-        veto = (var_k.sqrt() > opts.veto_std) | (var_v.sqrt() > opts.veto_std)
-    return fused, veto
+        return fused, (var_k.sqrt() > opts.veto_std) | (var_v.sqrt() > opts.veto_std)
+    return fused, no_veto
 
 
-def keep_mask(k: torch.Tensor, v: torch.Tensor, state: FilterState, opts: TokenFilterOptions,
-              valid: torch.Tensor | None = None) -> torch.Tensor:
-    """This step's tokens k, v [B, T, heads, d] in order -> keep [B, T] (float 0/1); updates ``state``.
+def _uniform(index: torch.Tensor, layer: int, seed: int) -> torch.Tensor:
+    """A uniform [0, 1) number per (token index, layer, seed), stateless (the random baseline)."""
+    h = (index.long() * 2654435761 + layer * 40503 + seed * 97) % 4294967296
+    h = (h ^ (h >> 13)) * 1274126177 % 4294967296
+    return (h % 1000003).float() / 1000003
 
-    ``valid`` [B, T] (bool) marks real tokens (left padding is neither scored nor counted).
+
+def keep_last(k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, index: torch.Tensor, count: int,
+              opts: TokenFilterOptions, layer: int = 0) -> torch.Tensor:
+    """Decisions for the last ``count`` tokens -> keep [B, count] bool.
+
+    k, v [B, S, heads, d]: the features of the tokens up to the newest, at least the
+    ``opts.context`` before the first decided one where the request has them (more are ignored);
+    valid [B, S] bool: real tokens (not padding, not before the request's start);
+    index [B, S]: each token's index in its request (for the warm-up).
     """
-    B, T = k.shape[:2]
-    keep = torch.ones(B, T, device=k.device)
-    for t in range(T):
-        kt, vt = k[:, t].float(), v[:, t].float()
-        ok = torch.ones(B, dtype=torch.bool, device=k.device) if valid is None else valid[:, t].bool()
-        if state.anchor_k is None:  # the first token: anchors start at it, nothing to compare with
-            state.anchor_k, state.anchor_v = kt.clone(), vt.clone()
-            state.tau = torch.ones(B, device=k.device)
-            state.seen = 1
-            continue
-        score, veto = fused_similarity(kt, vt, state.anchor_k, state.anchor_v, opts)
-        if opts.random_seed is not None:
-            if state.generator is None:
-                state.generator = torch.Generator().manual_seed(opts.random_seed)
-            score = torch.rand(B, generator=state.generator).to(k.device)
-        if state.seen < opts.warmup:
-            state.warmup_scores.append(score)
-            if state.seen + 1 == opts.warmup:  # the threshold starts at the warm-up's (1 - f) quantile
-                state.tau = torch.quantile(torch.stack(state.warmup_scores, 1), 1 - opts.skip_fraction, dim=1)
-        else:
-            skip = (score > state.tau) & ~veto & ok
-            keep[:, t] = (~skip).float()
-            step = opts.tracker_rate * ((score > state.tau).float() - opts.skip_fraction)
-            state.tau = torch.where(ok, state.tau + step, state.tau)
-        g = torch.where(ok, torch.tensor(opts.decay, device=k.device), torch.tensor(1.0, device=k.device))[:, None, None]
-        state.anchor_k = g * state.anchor_k + (1 - g) * kt
-        state.anchor_v = g * state.anchor_v + (1 - g) * vt
-        state.seen += 1
-    return keep
+    B, S = valid.shape
+    need = min(count + opts.threshold_window, S)  # positions whose score matters
+    index_new = index[:, S - count:]
+    if opts.random_seed is not None:
+        skip = _uniform(index_new, layer, opts.random_seed) < opts.skip_fraction
+        return ~(skip & (index_new >= opts.warmup) & valid[:, S - count:])
+    a_k = anchors(k, valid, need, opts)
+    a_v = anchors(v, valid, need, opts) if opts.score == "kv" else a_k
+    score, veto = fused_similarity(k[:, S - need:], v[:, S - need:], a_k, a_v, opts)  # [B, need]
+    scorable = valid[:, S - need:] & (index[:, S - need:] >= 1)  # the first token has no anchor
+    score = torch.where(scorable, score, torch.full_like(score, float("nan")))
+    # the threshold of each new token: the quantile of the (up to) Q scores before it
+    padded = F.pad(score, (opts.threshold_window - (need - count), 0), value=float("nan"))
+    earlier = padded.unfold(1, opts.threshold_window, 1)[:, :count]  # [B, count, Q]
+    tau = torch.nanquantile(earlier, 1 - opts.skip_fraction, dim=-1)
+    new = score[:, need - count:]
+    skip = (new > tau) & ~veto[:, need - count:] & (index_new >= opts.warmup) & valid[:, S - count:]
+    return ~skip

@@ -12,8 +12,11 @@ Serve-time overrides of the ``latent_kv`` section (the checkpoint is never edite
   without ``format_version`` is taken as a partial override and merged into the section
   read from the checkpoint's ``config.json``.
 
-Only ``cache_dtype`` and ``int4_group_size`` may be overridden this way: the other fields
-describe the weights and must come from the checkpoint.
+* ``--hf-overrides '{"latent_kv_token_filter": {"skip_fraction": 0.25}}'``: Token Filtering
+  (``latentkv.token_filter``) on, with these options; ``false`` turns a checkpoint's default off.
+
+Only ``cache_dtype``, ``int4_group_size`` and ``token_filter`` may be overridden this way: the
+other fields describe the weights and must come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import Any
 
 from latentkv import format as fmt
 
-OVERRIDABLE = ("cache_dtype", "int4_group_size")
-FLAT_OVERRIDES = {"latent_kv_cache_dtype": "cache_dtype", "latent_kv_int4_group_size": "int4_group_size"}
+OVERRIDABLE = ("cache_dtype", "int4_group_size", "token_filter")
+FLAT_OVERRIDES = {"latent_kv_cache_dtype": "cache_dtype", "latent_kv_int4_group_size": "int4_group_size",
+                  "latent_kv_token_filter": "token_filter"}
 
 
 def register_config() -> None:
@@ -67,6 +71,8 @@ def resolve_config_dict(hf_config: Any, model: str | os.PathLike | None = None, 
         for flat, key in FLAT_OVERRIDES.items():
             if config.get(flat) is not None:
                 section[key] = config[flat]
+        if section.get("token_filter") is False:  # turns a checkpoint's default off
+            section["token_filter"] = None
     config["latent_kv"] = section
     return config
 

@@ -57,7 +57,27 @@ def load_latent_spec(vllm_config: VllmConfig) -> tuple[fmt.LatentKVSpec, fmt.Mod
         from latentkv.checkpoint import validate_checkpoint
 
         validate_checkpoint(mc.model)  # tensor names and shapes vs config: raises naming the problem
+    filtered_layers(spec)
     return spec, dims
+
+
+def filtered_layers(spec: fmt.LatentKVSpec) -> set[int]:
+    """The layers Token Filtering filters; raises FormatError unless they are latent layers (ours)."""
+    opts = spec.token_filter_options()
+    if opts is None:
+        return set()
+    layers = opts.filtered_layers(len(spec.layers))
+    outside = sorted(i for i in layers if i >= len(spec.layers))
+    other = sorted(i for i in layers if i < len(spec.layers) and not isinstance(spec.layers[i], fmt.LatentLayer))
+    if outside or other:
+        latent = [i for i, layer in enumerate(spec.layers) if isinstance(layer, fmt.LatentLayer)]
+        raise fmt.FormatError(
+            f"token_filter.layers names {'layers ' + str(outside) + ' past the last layer' if outside else ''}"
+            f"{' and ' if outside and other else ''}{'non-latent layers ' + str(other) if other else ''}: in vLLM "
+            f"Token Filtering reads the latent cache, so it filters latent layers only; this checkpoint's latent "
+            f"layers are {latent}: pass them as token_filter.layers"
+        )
+    return layers
 
 
 class LatentKVDecoderLayer(nn.Module):
@@ -66,7 +86,8 @@ class LatentKVDecoderLayer(nn.Module):
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         idx = extract_layer_index(prefix)
-        if use_vllm_mla(spec.layers[idx], spec, dims):  # shared RoPE of DeepSeek's size: vLLM's own MLA layer
+        filtered = idx in filtered_layers(spec)  # Token Filtering runs in our backend, not in vLLM's MLA
+        if not filtered and use_vllm_mla(spec.layers[idx], spec, dims):  # shared RoPE of DeepSeek's size: vLLM's own MLA layer
             self.self_attn = LatentMLAAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
         elif isinstance(spec.layers[idx], fmt.LatentLayer):
             self.self_attn = LatentAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
@@ -161,6 +182,8 @@ class LatentKVForCausalLM(nn.Module):
             ", ".join(f"{k}={kinds.count(k)}" for k in sorted(set(kinds))), spec.cache_dtype,
             f" (group {spec.int4_group_size})" if spec.cache_dtype == "int4" else "",
         )
+        if spec.token_filter is not None:
+            logger.info("latentkv: Token Filtering on layers %s: %s", sorted(filtered_layers(spec)), spec.token_filter_options())
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -175,3 +175,29 @@ def test_full_rope_rejects_bad_inputs():
         full_rope_decode_attention(q, cache, w_uk, inv_freq, bt, lens, 0.2, b_k=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="key_groups_used"):
         full_rope_decode_attention(q, cache, w_uk, inv_freq, bt, lens, 0.2, key_groups_used=(1, 1))
+
+
+@pytest.mark.parametrize("kernel", ["full_rope", "latent"])
+def test_token_filter_skipped_rows_exit_early(kernel):
+    """Token Filtering hands a skipped decode row an attended length of 0 (on the device): its
+    split loops run no iteration, its output is 0 and lse -inf, and the kept rows are what the
+    unfiltered call gives them."""
+    from vllm_latentkv.kernels import latent_decode_attention
+
+    gen = torch.Generator().manual_seed(23)
+    seq_lens = [40, 300, 3, 129]
+    keep = torch.tensor([1, 0, 1, 0], dtype=torch.int32)
+    if kernel == "full_rope":
+        q, cache, w_uk, inv_freq, bt, lens = make_problem(seq_lens, 16, 4, 2, 2, torch.float32, gen)
+        run = lambda n: full_rope_decode_attention(q, cache, w_uk, inv_freq, bt, n, 0.2, key_groups=2, num_kv_splits=3)  # noqa: E731
+    else:
+        cache, bt = make_paged(seq_lens, 16, 48 + 16, torch.float32, gen)
+        q_lat, q_rope = torch.randn(4, 4, 48, generator=gen), torch.randn(4, 4, 16, generator=gen)
+        lens = torch.tensor(seq_lens, dtype=torch.int32)
+        run = lambda n: latent_decode_attention(q_lat, q_rope, cache, bt, n, 0.2, num_kv_splits=3)  # noqa: E731
+    out, lse = run(lens * keep)
+    full_out, full_lse = run(lens)
+    skipped = keep == 0
+    assert torch.all(out[skipped] == 0) and torch.all(lse[skipped] == float("-inf"))
+    torch.testing.assert_close(out[~skipped], full_out[~skipped], atol=0, rtol=0)
+    torch.testing.assert_close(lse[~skipped], full_lse[~skipped], atol=0, rtol=0)

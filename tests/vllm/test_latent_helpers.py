@@ -78,9 +78,10 @@ def make_random_llama(out: Path, family: str = "llama", *, heads: int, kv_heads:
     return out
 
 
-def reference_model(path: Path, int4_group: int | None = None):
+def reference_model(path: Path, int4_group: int | None = None, token_filter: dict | None = None):
     """The reference model of a checkpoint; with ``int4_group``, as if its config asked for the INT4
-    latent cache with that group size (the reference then caches what that cache holds)."""
+    latent cache with that group size (the reference then caches what that cache holds); with
+    ``token_filter``, as if it had that Token Filtering default."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
@@ -88,6 +89,8 @@ def reference_model(path: Path, int4_group: int | None = None):
     config = AutoConfig.from_pretrained(path)
     if int4_group is not None:
         config.latent_kv = {**config.latent_kv, "cache_dtype": "int4", "int4_group_size": int4_group}
+    if token_filter is not None:
+        config.latent_kv = {**config.latent_kv, "token_filter": token_filter}
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
     model.generation_config.eos_token_id = None  # the engine runs with ignore_eos
     model.generation_config.pad_token_id = 0

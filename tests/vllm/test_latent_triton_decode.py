@@ -45,13 +45,16 @@ def _prompts(vocab: int = 256) -> list[list[int]]:
 # kind: (source family, conversion, runs as (cache, TP size))
 MODELS = {
     "full": ("llama", dict(rope_mode="full", svd="split", ranks=[32], latent_groups=2),
-             (("fp32", 1), ("int4", 1), ("fp32", 2))),
+             (("fp32", 1), ("int4", 1), ("fp32", 2), ("fp32-tf", 1))),
     "partial": ("llama", dict(rope_mode="partial", rope_strategy="high", rope_pairs=2, svd="joint", ranks=[32],
-                              latent_groups=2), (("fp32", 1), ("int4", 1), ("fp32", 2))),
+                              latent_groups=2), (("fp32", 1), ("int4", 1), ("fp32", 2), ("fp32-tf", 1))),
     # the default joint latent, with the key bias (Qwen2) or the per-KV-head key norm (Qwen3) in the kernel
     "full_joint_qwen2": ("qwen2", dict(rope_mode="full", svd="joint", ranks=[32], latent_groups=2), (("fp32", 1),)),
     "full_joint_qwen3": ("qwen3", dict(rope_mode="full", svd="joint", ranks=[32]), (("fp32", 1),)),
 }
+# "fp32-tf": Token Filtering on (half of the tokens skipped after a 2-token warm-up): a skipped decode
+# row reaches the kernel with an attended length of 0 (its early exit)
+TOKEN_FILTER = {"skip_fraction": 0.5, "layers": "all", "warmup": 2, "anchor_window": 4, "threshold_window": 8}
 KERNELS = ("full_rope_decode_attention", "full_rope_decode_attention_int4", "latent_decode_attention",
            "latent_decode_attention_int4")
 
@@ -107,7 +110,7 @@ def _child(models: dict[str, str], out: str) -> None:
     int4 = {"latent_kv_cache_dtype": "int4", "latent_kv_int4_group_size": INT4_GROUP}
     results = {}
     for kind, cache, tp in ((kind, cache, tp) for kind in models for cache, tp in MODELS[kind][2]):
-        overrides = int4 if cache == "int4" else None
+        overrides = int4 if cache == "int4" else {"latent_kv_token_filter": TOKEN_FILTER} if cache == "fp32-tf" else None
         tp_args = dict(tensor_parallel_size=tp, distributed_executor_backend="mp") if tp > 1 else {}
         engine = Engine(Path(models[kind]), hf_overrides=overrides, max_num_batched_tokens=64, enable_prefix_caching=False,
                         skip_tokenizer_init=True, **tp_args)
@@ -168,11 +171,13 @@ def test_triton_decode_equals_torch_decode(tmp_path):
         torch.testing.assert_close(torch.tensor(triton_run["logprobs"]), torch.tensor(torch_run["logprobs"]),
                                    atol=1e-4, rtol=1e-4, msg=run)
     for kind, model in models.items():
-        ref = reference_model(model)
-        want = [reference_greedy(ref, p, N_NEW) for p in _prompts()]
         for cache, tp in MODELS[kind][2]:
-            if cache == "fp32":
-                assert results[f"{kind}/fp32/tp{tp}/1"]["tokens"] == want, (kind, tp)
+            if cache.startswith("fp32"):
+                ref = reference_model(model, token_filter=TOKEN_FILTER if cache == "fp32-tf" else None)
+                want = [reference_greedy(ref, p, N_NEW) for p in _prompts()]
+                assert results[f"{kind}/{cache}/tp{tp}/1"]["tokens"] == want, (kind, cache, tp)
+        if ("fp32-tf", 1) in MODELS[kind][2]:  # the filter skipped something on the kernel path
+            assert results[f"{kind}/fp32-tf/tp1/1"]["logprobs"] != results[f"{kind}/fp32/tp1/1"]["logprobs"], kind
 
 
 if __name__ == "__main__":

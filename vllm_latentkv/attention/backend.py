@@ -15,7 +15,13 @@ queries, latents and rope keys; :class:`LatentKVAttentionImpl` does everything a
   ``latentkv.settings``) and the layer's layout suits them;
 * everything else on the PyTorch path: each request's rows read back, then
   ``latentkv.attention`` (expanded for prefill, absorbed for decode);
-* W_uv after the attention-weighted latent sum.
+* W_uv after the attention-weighted latent sum;
+* Token Filtering (``latentkv.token_filter``), when the layer is filtered: each new token's
+  keep/skip decision from the features of the last ``Q + W`` cached rows of its request (read back
+  from the paged cache: no per-request state, so preemption, chunked prefill and prefix-cache hits
+  need nothing), then skipped tokens do no attention work: a skipped decode row is given an
+  attended length of 0, on which the kernels' split loops run no iteration (the early exit,
+  decided on the device: no host sync), and the PyTorch path attends the kept rows only.
 
 The kernel-or-torch choice, the float32 up-projections and the index maps are fixed once in
 :meth:`LatentKVAttentionImpl.prepare`, after the weights are loaded: nothing is cast, moved or read
@@ -32,6 +38,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from latentkv import attention as attn
 from latentkv.settings import settings
+from latentkv.token_filter import TokenFilterOptions, keep_last
 from vllm_latentkv.attention import BACKEND_NAME
 from vllm_latentkv._vllm import (
     AttentionBackend,
@@ -145,7 +152,8 @@ class LatentKVMetadataBuilder(AttentionMetadataBuilder[LatentKVMetadata]):
 class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
     """One latent layer after its projections: cache writes, attention (kernels or torch) and W_uv."""
 
-    def __init__(self, heads: attn.LatentHeads, layout: LatentCacheLayout, kv_cache_dtype: str = "auto") -> None:
+    def __init__(self, heads: attn.LatentHeads, layout: LatentCacheLayout, kv_cache_dtype: str = "auto",
+                 token_filter: TokenFilterOptions | None = None, layer_idx: int = 0) -> None:
         if kv_cache_dtype not in LatentKVAttentionBackend.supported_kv_cache_dtypes:
             raise NotImplementedError(
                 f"{BACKEND_NAME} does not support --kv-cache-dtype={kv_cache_dtype!r}: latent caches are "
@@ -154,6 +162,7 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         self.heads, self.layout = heads, layout
         self.kv_cache_dtype = "int4" if layout.int4 else kv_cache_dtype
         self.weights: attn.LatentWeights | None = None
+        self.token_filter, self.layer_idx = token_filter, layer_idx
 
     # -- once, after loading ---------------------------------------------------------------------
     def prepare(self, weights: attn.LatentWeights, device: torch.device) -> None:
@@ -184,17 +193,46 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         [T, R_H R_D (+ key scales)] -> attention output o [T, H, d_h] float32 (before o_proj)."""
         self.write(latent, tail, kv_cache, slot_mapping)
         o = q_nope.new_zeros(q_nope.shape[0], q_nope.shape[1], self.heads.d_h)
+        keep = self.filter_decisions(kv_cache, meta, q_nope.shape[0]) if self.token_filter else None
         on_kernel = set()
         if meta.decode_reqs and self.decode_on_kernel:
             idx = meta.decode_tokens
-            o[idx] = self._decode_on_kernel(q_nope[idx], q_rope[idx], kv_cache, meta)
+            attended = meta.decode_seq_lens if keep is None else meta.decode_seq_lens * keep[idx]
+            o[idx] = self._decode_on_kernel(q_nope[idx], q_rope[idx], kv_cache, meta.decode_block_table, attended)
             on_kernel = set(meta.decode_reqs)
         qsl = meta.query_start_loc
         for r, seq_len in enumerate(meta.seq_lens):
             start, end = qsl[r], qsl[r + 1]
             if end > start and r not in on_kernel:
-                o[start:end] = self._attend_request(q_nope[start:end], q_rope[start:end], kv_cache, meta.block_table[r], seq_len)
-        return o
+                rows = None if keep is None else keep[start:end].nonzero()[:, 0]  # host sync: the torch path only
+                if rows is not None and rows.numel() == 0:
+                    continue
+                o[start:end] = self._attend_request(q_nope[start:end], q_rope[start:end], kv_cache, meta.block_table[r],
+                                                    seq_len, rows)
+        return o if keep is None else o * keep[:, None, None]
+
+    def filter_decisions(self, kv_cache, meta: "LatentKVMetadata", num_tokens: int) -> torch.Tensor:
+        """Token Filtering: keep [T] (int32 0/1, on the device) for this step's tokens; a pure
+        function of the cached rows (``latentkv.token_filter``)."""
+        opts, qsl = self.token_filter, meta.query_start_loc
+        keep = torch.ones(num_tokens, dtype=torch.int32, device=meta.slot_mapping.device)
+        if meta.decode_reqs:  # one batched gather and decision for the one-token requests
+            seq_lens = meta.decode_seq_lens.to(torch.int64)
+            keep[meta.decode_tokens] = self._keep_last(kv_cache, meta.decode_block_table, seq_lens, 1, 1 + opts.context)[:, 0]
+        decode = set(meta.decode_reqs)
+        for r, seq_len in enumerate(meta.seq_lens):
+            start, end = qsl[r], qsl[r + 1]
+            if end > start and r not in decode:
+                n = min(seq_len, end - start + opts.context)
+                lens = torch.tensor([seq_len], dtype=torch.int64, device=keep.device)
+                keep[start:end] = self._keep_last(kv_cache, meta.block_table[r : r + 1], lens, end - start, n)[0]
+        return keep
+
+    def _keep_last(self, kv_cache, block_table, seq_lens, count: int, n: int) -> torch.Tensor:
+        """Decisions for the last ``count`` tokens of B requests from their last n cached rows -> [B, count] int32."""
+        lat, rope, key_scale, pos, valid = self.read_window(kv_cache, block_table, seq_lens, n)
+        k, v = attn.token_filter_features(lat, rope, key_scale, pos, self.heads, self.weights, self.token_filter.features)
+        return keep_last(k, v, valid, pos, count, self.token_filter, self.layer_idx).to(torch.int32)
 
     def write(self, latent: torch.Tensor, tail: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """latent [T, W], tail [T, R_H R_D (+ K key scales)] (rotated) -> the rows at slot_mapping (-1 = skip)."""
@@ -224,29 +262,52 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
     def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int):
         """One request's first seq_len rows: (latent fp32 [S, W], rope fp32 [S, R_H, R_D],
         key scales fp32 [S, K] or None when the layout has none)."""
-        L = self.layout
         cache = _rows(kv_cache)
         page = cache.shape[1]
         n_blocks = -(-seq_len // page)
-        rows = cache[block_ids[:n_blocks].to(torch.int64)].reshape(-1, cache.shape[-1])[:seq_len]
+        return self.unpack(cache[block_ids[:n_blocks].to(torch.int64)].reshape(-1, cache.shape[-1])[:seq_len])
+
+    def read_window(self, kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, n: int):
+        """The last n rows of B requests (a gather on the device, no host sync): (latent, rope,
+        key scales) as :meth:`read` with a leading [B, n], positions [B, n] (clamped at 0) and
+        valid [B, n] (False before a request's first token)."""
+        cache = _rows(kv_cache)
+        page = cache.shape[1]
+        pos = seq_lens[:, None] - n + torch.arange(n, device=seq_lens.device)
+        valid = pos >= 0
+        pos = pos.clamp(min=0)
+        blocks = block_table.to(torch.int64).gather(1, pos // page)
+        lat, rope, key_scale = self.unpack(cache[blocks, pos % page])
+        return lat, rope, key_scale, pos, valid
+
+    def unpack(self, rows: torch.Tensor):
+        """Cache rows [..., row] -> (latent fp32 [..., W], rope fp32 [..., R_H, R_D], key scales fp32 or None)."""
+        L = self.layout
         if L.int4:
             from latentkv.int4 import int4_unpack_rows
 
             lat, tail = int4_unpack_rows(rows, L.latent_dim, L.tail_dim, L.group_size)
         else:
-            lat, tail = rows[:, : L.latent_dim], rows[:, L.latent_dim :]
-        rope = tail[:, : L.rope_dim].float().view(seq_len, L.rope_heads, L.rope_head_dim)
-        key_scale = tail[:, L.rope_dim :].float() if L.key_scales else None
+            lat, tail = rows[..., : L.latent_dim], rows[..., L.latent_dim :]
+        rope = tail[..., : L.rope_dim].float().unflatten(-1, (L.rope_heads, L.rope_head_dim))
+        key_scale = tail[..., L.rope_dim :].float() if L.key_scales else None
         return lat.float(), rope, key_scale
 
     # -- the PyTorch path: latentkv.attention on one request's rows -------------------------------
-    def _attend_request(self, q_nope, q_rope, kv_cache, block_ids, seq_len: int) -> torch.Tensor:
-        """q [L, H, .] of the request's last L of S = seq_len positions -> o [L, H, d_h]."""
+    def _attend_request(self, q_nope, q_rope, kv_cache, block_ids, seq_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """q [L, H, .] of the request's last L of S = seq_len positions -> o [L, H, d_h]; with ``rows``
+        (Token Filtering's kept rows) only those are computed, the others are 0."""
         lat, rope_k, key_scale = self.read(kv_cache, block_ids, seq_len)
         L, S = q_nope.shape[0], seq_len
         k_pos = torch.arange(S, device=lat.device)
         batch = lambda t: None if t is None else t[None]  # noqa: E731  (the core's leading batch dim)
         cached = (lat[None], rope_k[None], batch(key_scale), k_pos[None])
+        if rows is not None and rows.numel() < L:  # a subset of the queries: an explicit causal mask
+            o = torch.zeros(L, q_nope.shape[1], self.heads.d_h, device=q_nope.device)
+            mask = attn.causal_mask((S - L + rows)[None], k_pos[None])
+            attend = attn.absorbed_attention if rows.numel() == 1 else attn.expanded_attention
+            o[rows] = attend(q_nope[rows][None], q_rope[rows][None], *cached, mask, self.heads, self.weights)[0]
+            return o
         if L == 1:  # absorbed (MHA2MLA App. B): scores and the value sum in latent space
             mask = attn.causal_mask(k_pos[S - 1 :][None], k_pos[None])
             o = attn.absorbed_attention(q_nope[None], q_rope[None], *cached, mask, self.heads, self.weights)
@@ -255,14 +316,15 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         return o[0]
 
     # -- decode on the Triton kernels -------------------------------------------------------------
-    def _decode_on_kernel(self, q_nope, q_rope, kv_cache, meta: "LatentKVMetadata") -> torch.Tensor:
-        """One query token per request: q [B, H, .] -> o [B, H, d_h]."""
+    def _decode_on_kernel(self, q_nope, q_rope, kv_cache, block_table, seq_lens) -> torch.Tensor:
+        """One query token per request: q [B, H, .] -> o [B, H, d_h]; each attends to its first
+        seq_lens[b] cached tokens (0: none, the kernels exit at once)."""
         from vllm_latentkv import kernels
 
         h, L = self.heads, self.layout
         cache = _rows(kv_cache)
         B, H = q_nope.shape[:2]
-        paged = (meta.decode_block_table, meta.decode_seq_lens, h.scale)
+        paged = (block_table, seq_lens, h.scale)
         kernel_dtype = torch.float32 if L.int4 else cache.dtype
         common = dict(out_dtype=torch.float32, num_kv_splits=self.num_kv_splits)
         int4 = dict(latent_dim=L.latent_dim, group_size=L.group_size) if L.int4 else {}

@@ -69,7 +69,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         hf_config = vllm_config.model_config.hf_config if vllm_config.model_config is not None else None
         eps = float(getattr(hf_config, "rms_norm_eps", 1e-6))
         self.heads = attn.LatentHeads.of(layer, spec, dims, eps, tp=self.tp, rank=self.rank)
-        self.layer, self.layer_name = layer, prefix
+        self.layer, self.layer_name, self.layer_idx = layer, prefix, layer_idx
         self.G, self.d_h = dims.num_key_value_heads, dims.head_dim
         self.H_l, self.G_l = dims.num_attention_heads // self.tp, self.G // self.tp
         self.num_heads = self.H_l
@@ -104,12 +104,25 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         elt_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(cache_dtype, model_dtype)
         self.layout = LatentCacheLayout.for_layer(self.layer, spec, elt_dtype, where)
         self.attn_backend = LatentKVAttentionBackend
-        self.impl = LatentKVAttentionImpl(self.heads, self.layout, cache_dtype)
+        self.impl = LatentKVAttentionImpl(self.heads, self.layout, cache_dtype, self._token_filter(spec, where),
+                                          self.layer_idx)
         self.kv_cache = torch.tensor([])
         ctx = vllm_config.compilation_config.static_forward_context
         if prefix in ctx:
             raise ValueError(f"Duplicate layer name: {prefix}")
         ctx[prefix] = self
+
+    def _token_filter(self, spec: fmt.LatentKVSpec, where: str):
+        """Token Filtering's options if this layer is filtered (``latentkv.token_filter``), else None."""
+        opts = spec.token_filter_options()
+        if opts is None or self.layer_idx not in opts.filtered_layers(len(spec.layers)):
+            return None
+        if opts.features == "heads" and self.tp > 1:
+            raise NotImplementedError(
+                f"{where}: Token Filtering with features='heads' decides on each rank's own KV heads, so "
+                "tensor-parallel ranks would disagree; use features='latent' (the default: the replicated latent)"
+            )
+        return opts
 
     # -- AttentionLayerBase -------------------------------------------------------------------
     def get_attn_backend(self):

@@ -1,0 +1,89 @@
+"""Token Filtering in the real vLLM engine (CPU platform) against the reference model.
+
+Subject: stories260K converted with partial RoPE at a 50% cache (``make_stories_latent``), with
+Token Filtering switched on at serve time by ``--hf-overrides`` (the checkpoint has no default):
+half of the tokens skipped in every layer, short windows (anchor 8, threshold 16 tokens) so that
+the decisions read rows across block boundaries, chunk boundaries and prefix-cache hits. The
+decisions are recomputed from the paged cache each step (no per-request state), so the engine
+with chunked prefill and prefix caching must give the reference model's greedy tokens and prompt
+logprobs, and 16 concurrent requests their sequential results. float32, greedy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from test_latent_helpers import (  # noqa: E402
+    BLOCK_SIZE,
+    Engine,
+    make_stories_latent,
+    reference_greedy,
+    reference_logprobs,
+    reference_model,
+    text_ids,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+FILTER = {"skip_fraction": 0.5, "layers": "all", "warmup": 4, "anchor_window": 8, "threshold_window": 16}
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return make_stories_latent(tmp_path_factory.mktemp("stories"))
+
+
+@pytest.fixture(scope="module")
+def ref(paths):
+    return reference_model(paths[1], token_filter=FILTER)
+
+
+@pytest.fixture(scope="module")
+def engine(paths):
+    e = Engine(paths[1], hf_overrides={"latent_kv_token_filter": FILTER}, enable_chunked_prefill=True,
+               max_num_batched_tokens=32, enable_prefix_caching=True, max_num_seqs=16)
+    yield e
+    e.close()
+
+
+def test_filter_changes_the_reference_output(paths, ref):
+    """The option is live: the filtered reference differs from the dense one (else equality proves nothing)."""
+    dense = reference_model(paths[1])
+    assert dense.token_filter is None and ref.token_filter is not None
+    ids = text_ids(paths[0], 3000, 120)
+    assert (reference_logprobs(ref, ids) - reference_logprobs(dense, ids)).abs().max() > 0.05
+    keeps = [layer.last_keep for layer in ref.model.layers]
+    assert all(k is not None and 0.3 < float(1 - k[0, 4:].mean()) < 0.7 for k in keeps)
+
+
+def test_prompt_logprobs_match_reference(engine, paths, ref):
+    ids = text_ids(paths[0], 3000, 120)  # 4 chunks of 32 tokens
+    torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_greedy_matches_reference_with_chunks_and_prefix_hits(engine, paths, ref):
+    src = paths[0]
+    prefix = text_ids(src, 400, 4 * BLOCK_SIZE)
+    prompts = [text_ids(src, 10, 5), text_ids(src, 100, 97), prefix + text_ids(src, 700, 11)]
+    outs = engine.greedy(prompts, N_NEW)
+    hit = engine.greedy([prefix + text_ids(src, 900, 19)], N_NEW)[0]  # shares 4 full blocks: decisions read cached rows
+    assert hit.num_cached_tokens == 4 * BLOCK_SIZE
+    for p, out in zip(prompts + [prefix + text_ids(src, 900, 19)], outs + [hit]):
+        assert list(out.outputs[0].token_ids) == reference_greedy(ref, p, N_NEW)
+
+
+def test_16_concurrent_requests_match_sequential(engine, paths, ref):
+    src = paths[0]
+    lengths = [1, 3, 8, 15, 16, 17, 31, 33, 47, 64, 65, 80, 99, 120, 5, 40]
+    reqs = [text_ids(src, 2000 + 37 * i, n) for i, n in enumerate(lengths)]
+    n_new = [4 + (7 * i) % 21 for i in range(16)]
+    together = engine.greedy(reqs, n_new)
+    alone = [engine.greedy([p], n)[0] for p, n in zip(reqs, n_new)]
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids), i
+    for i in (3, 9, 13):
+        assert list(together[i].outputs[0].token_ids) == reference_greedy(ref, reqs[i], n_new[i]), i
