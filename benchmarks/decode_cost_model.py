@@ -157,6 +157,35 @@ def gpu_validate_predictions() -> list[str]:
                     "the 50% cache) means launch overhead or kernel inefficiency, not the format.", ""]
 
 
+TF_ANCHOR, TF_THRESHOLD = 64, 128  # Token Filtering's default windows W and Q (latentkv/token_filter.py)
+
+
+def token_filter_table() -> list[str]:
+    """Token Filtering per decoded token and filtered layer: attention saved at skip fraction f,
+    against the decision's own cost (it reads the last Q + W + 1 cached rows and rebuilds Q + 1
+    anchors of W terms over the latent: 2 (Q + 1) W values FLOPs), on the 50% full-RoPE layout."""
+    mode = Mode("", "full", 1024, k_rank=512, v_rank=512, groups=G)
+    rows = TF_THRESHOLD + TF_ANCHOR + 1
+    decide_bytes = rows * mode.cache_values() * ELEM
+    decide_flops = 2 * (TF_THRESHOLD + 1) * TF_ANCHOR * mode.cache_values()
+    decide_s = max(decide_bytes / HBM_BYTES_PER_S, decide_flops / PEAK_FLOPS)
+    lines = ["### Token Filtering: attention saved per decoded token and filtered layer (full RoPE, 50% cache, 8 groups, B=1)", "",
+             f"Decision cost per token: {decide_bytes / 1e3:.0f} KB read ({rows} rows), {decide_flops / 1e6:.1f} MFLOPs. "
+             "A skipped token saves its whole attention (the cache read and the scores); every token pays the decision.",
+             "", "| context | attention bytes | attention FLOPs | f | bytes saved (net) | FLOPs saved (net) | layer attention speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    for S in CONTEXTS:
+        for f in (0.25, 0.5):
+            dense = mode.seconds(S, 1)
+            net_bytes = f * mode.cache_bytes(S) - decide_bytes
+            net_flops = f * mode.flops(S) - decide_flops
+            lines.append(f"| {S // 1024}K | {mode.cache_bytes(S) / 1e6:.1f} MB | {mode.flops(S) / 1e9:.2f} G | {f:.2f} | "
+                         f"{net_bytes / 1e6:.2f} MB | {net_flops / 1e9:.2f} G | {dense / ((1 - f) * dense + decide_s):.2f}x |")
+    return lines + ["", f"Break-even context: (Q + W + 1) / f = {rows / 0.25:.0f} tokens at f = 0.25, {rows / 0.5:.0f} at 0.5. "
+                    "The whole model gains f x (filtered layers / layers) of its attention time: with the later half "
+                    "filtered at f = 0.25, 12.5%.", ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_cost_model.md")
@@ -172,6 +201,7 @@ def main() -> None:
     for values in (1024, 512):
         lines += table(values)
     lines += gpu_validate_predictions()
+    lines += token_filter_table()
     plot(args.out.with_suffix(".png"), 512)
     lines += [
         f"![speed-up]({args.out.with_suffix('.png').name})",
