@@ -87,3 +87,28 @@ def test_16_concurrent_requests_match_sequential(engine, paths, ref):
         assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids), i
     for i in (3, 9, 13):
         assert list(together[i].outputs[0].token_ids) == reference_greedy(ref, reqs[i], n_new[i]), i
+
+
+def test_rebuilt_head_features_match_reference(paths):
+    """features="heads": keys and values rebuilt per KV head from the cached rows (rotated rope keys
+    included) decide; prompt logprobs across chunks and greedy tokens equal the reference's."""
+    heads = {**FILTER, "features": "heads"}
+    ref = reference_model(paths[1], token_filter=heads)
+    e = Engine(paths[1], hf_overrides={"latent_kv_token_filter": heads}, enable_chunked_prefill=True,
+               max_num_batched_tokens=32)
+    try:
+        ids = text_ids(paths[0], 5000, 100)
+        torch.testing.assert_close(e.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=2e-4, rtol=1e-4)
+        assert list(e.greedy([ids[:40]], N_NEW)[0].outputs[0].token_ids) == reference_greedy(ref, ids[:40], N_NEW)
+    finally:
+        e.close()
+
+
+def test_filtering_a_kept_source_layer_is_refused(tmp_path, paths):
+    """vLLM filters latent layers only: a filtered source layer fails at load, naming the latent layers."""
+    from test_latent_helpers import convert_to
+
+    mixed = convert_to(paths[0], tmp_path / "mixed", rope_mode="partial", rope_strategy="high", rope_pairs=2,
+                       kv_ratio=0.5, keep_layers=[4])
+    with pytest.raises(Exception, match=r"non-latent layers \[4\].*latent layers are \[0, 1, 2, 3\]"):
+        Engine(mixed, hf_overrides={"latent_kv_token_filter": {"layers": "all"}})
