@@ -58,6 +58,10 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "shared32-rootcov": (dict(rope_mode="shared", rope_pairs=32, **ROOT_COV), BOTH),
     "shared32-rootcov-refined": (dict(rope_mode="shared", rope_pairs=32, **REFINED), HALF),
     "partial4-rootcov": (dict(rope_mode="partial", rope_strategy="2norm", rope_pairs=4, **ROOT_COV), HALF),
+    # levers of the one-shot refinement: q_proj and o_proj free as well; one latent per KV head (Palu)
+    "full-rootcov-refined-qo": (dict(rope_mode="full", **REFINED, refine_params="attention"), HALF),
+    "shared32-rootcov-refined-qo": (dict(rope_mode="shared", rope_pairs=32, **REFINED, refine_params="attention"), HALF),
+    "full-3groups-rootcov-refined": (dict(rope_mode="full", latent_groups=3, **REFINED), HALF),
 }
 INT4_ROWS = {"full-rootcov": (False, True)}  # row -> the --hadamard settings scored with an INT4 cache
 INT4_GROUP = 16
@@ -120,8 +124,8 @@ def main() -> None:
         "Rows: `full` caches only the latent (keys rebuilt and rotated); `shared32` caches 64 rope values (DeepSeek's "
         "layout, vLLM's MLA kernels); `partial4` keeps 4 frequency pairs per KV head (MHA2MLA); `svd` = plain SVD "
         "(MHA2MLA), `rootcov` = root-covariance activation-aware SVD (LatentLLM), `centred` adds the bias update, "
-        "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `3groups` = one "
-        "latent per KV head (Palu).",
+        "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `-qo` frees the "
+        "query and output projections in that fit too, `3groups` = one latent per KV head (Palu).",
         "",
         "| setting | KV cache | perplexity | x source | first half | convert s |",
         "|---|---|---|---|---|---|",

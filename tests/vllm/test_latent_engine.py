@@ -21,6 +21,7 @@ from test_latent_helpers import (  # noqa: E402
     BLOCK_SIZE,
     KV_BYTES,
     Engine,
+    check_16_concurrent_match_sequential,
     latent_spec,
     make_stories_latent,
     reference_greedy,
@@ -116,17 +117,7 @@ def test_text_matches_reference_generate(engine, paths, ref):
 
 
 def test_16_concurrent_mixed_requests_match_sequential(engine, paths, ref):
-    src = paths[0]
-    lengths = [1, 3, 8, 15, 16, 17, 31, 33, 47, 64, 65, 80, 99, 120, 5, 40]
-    reqs = [text_ids(src, 2000 + 37 * i, n) for i, n in enumerate(lengths)]
-    n_new = [4 + (7 * i) % 21 for i in range(16)]
-    together = engine.greedy(reqs, n_new)
-    alone = [engine.greedy([p], n)[0] for p, n in zip(reqs, n_new)]
-    for i, (a, b) in enumerate(zip(together, alone)):
-        assert len(a.outputs[0].token_ids) == n_new[i]
-        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids), i
-    for i in (0, 7, 13):  # and they are the reference's
-        assert list(together[i].outputs[0].token_ids) == reference_greedy(ref, reqs[i], n_new[i]), i
+    check_16_concurrent_match_sequential(engine, paths[0], ref)
 
 
 def test_prompt_logprobs_match_reference(engine, paths, ref):

@@ -240,6 +240,21 @@ def check_greedy_matches_reference(engine: Engine, ref, prompts: list[list[int]]
         assert list(again.outputs[0].token_ids) == list(outs[-1].outputs[0].token_ids)
 
 
+def check_16_concurrent_match_sequential(engine: Engine, src: Path, ref, checked=(0, 7, 13)) -> None:
+    """16 mixed requests (1 to 120 tokens, 4 to 24 new) batched together give the tokens each gives
+    alone, and those are the reference model's for the ``checked`` ones."""
+    lengths = [1, 3, 8, 15, 16, 17, 31, 33, 47, 64, 65, 80, 99, 120, 5, 40]
+    reqs = [text_ids(src, 2000 + 37 * i, n) for i, n in enumerate(lengths)]
+    n_new = [4 + (7 * i) % 21 for i in range(16)]
+    together = engine.greedy(reqs, n_new)
+    alone = [engine.greedy([p], n)[0] for p, n in zip(reqs, n_new)]
+    for i, (a, b) in enumerate(zip(together, alone)):
+        assert len(a.outputs[0].token_ids) == n_new[i]
+        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids), i
+    for i in checked:
+        assert list(together[i].outputs[0].token_ids) == reference_greedy(ref, reqs[i], n_new[i]), i
+
+
 def check_prompt_logprobs_match_reference(engine: Engine, ref, ids: list[int]) -> None:
     """Teacher-forced prompt logprobs through the engine == the reference's (float32)."""
     torch.testing.assert_close(engine.prompt_logprobs(ids), reference_logprobs(ref, ids), atol=5e-4, rtol=1e-4)

@@ -19,6 +19,7 @@ pytest.importorskip("vllm")
 from test_latent_helpers import (  # noqa: E402
     BLOCK_SIZE,
     Engine,
+    check_16_concurrent_match_sequential,
     make_stories_latent,
     reference_greedy,
     reference_logprobs,
@@ -77,16 +78,7 @@ def test_greedy_matches_reference_with_chunks_and_prefix_hits(engine, paths, ref
 
 
 def test_16_concurrent_requests_match_sequential(engine, paths, ref):
-    src = paths[0]
-    lengths = [1, 3, 8, 15, 16, 17, 31, 33, 47, 64, 65, 80, 99, 120, 5, 40]
-    reqs = [text_ids(src, 2000 + 37 * i, n) for i, n in enumerate(lengths)]
-    n_new = [4 + (7 * i) % 21 for i in range(16)]
-    together = engine.greedy(reqs, n_new)
-    alone = [engine.greedy([p], n)[0] for p, n in zip(reqs, n_new)]
-    for i, (a, b) in enumerate(zip(together, alone)):
-        assert list(a.outputs[0].token_ids) == list(b.outputs[0].token_ids), i
-    for i in (3, 9, 13):
-        assert list(together[i].outputs[0].token_ids) == reference_greedy(ref, reqs[i], n_new[i]), i
+    check_16_concurrent_match_sequential(engine, paths[0], ref, checked=(3, 9, 13))
 
 
 def test_rebuilt_head_features_match_reference(paths):
