@@ -16,8 +16,9 @@ measures what it does on a real model, in one run, side by side:
   one divergence does not decide the rest);
 * the skip rate actually reached (after the warm-up, in the filtered layers), and time per
   window with and without filtering (the reference model; the decision's own cost included);
-* each option's effect on the source at 50%: fusion form, anchor decay, layers, warm-up,
-  features (latent or rebuilt heads) on the converted model.
+* each option's effect at 50%: fusion form, anchor decay, layers, warm-up, features (latent or
+  rebuilt heads) on the converted models, and the second reading of "skipping" (``skip="key"``:
+  the token is left out as a key instead of losing its attention output) at 25% and 50%.
 
     python benchmarks/smollm2_token_filter.py          # -> results/smollm2_token_filter.{md,json} (~40 min, 2 cores)
     python benchmarks/smollm2_token_filter.py --windows 2 --prompts 4 --rows source   # quick look
@@ -140,6 +141,9 @@ def run(a: argparse.Namespace) -> list[dict]:
         settings += [("token filter", 0.5, name, extra) for name, extra in option_rows(model)]
         last = dict(layers=tuple(range(22, 30)))  # the last quarter: where skipping costs least
         settings += [(kind, 0.5, "layers 22-29", last) for kind in ("token filter", "key only", "random")]
+        # the second reading: skipped tokens are left out as keys instead of losing their output
+        settings += [(kind, f, "skip as key", dict(skip="key")) for f in (0.25, 0.5)
+                     for kind in ("token filter", "key only", "random")]
         for kind, fraction, name, extra in settings:
             r = {"model": model, "skipping": kind, "fraction": fraction, "options": name,
                  **scorer.score(skip_options(kind, fraction, **extra))}

@@ -105,6 +105,7 @@ class _LayerEntries(CacheLayerMixin):
         super().__init__()
         self.entries: dict[str, torch.Tensor] = {}
         self.positions: torch.Tensor | None = None  # [B, S]; bookkeeping like vLLM's slot mapping, not KV data
+        self.kept_keys: torch.Tensor | None = None  # [B, S] bool: Token Filtering's skip="key" decisions
 
     def lazy_initialization(self, key_states, value_states) -> None:  # unused: entries are named
         self.is_initialized = True
@@ -133,12 +134,19 @@ class _LayerEntries(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.entries, self.positions = {}, None
+        self.entries, self.positions, self.kept_keys = {}, None, None
+
+    def keep_keys(self, keep: torch.Tensor) -> torch.Tensor:
+        """Append this step's skip="key" decisions [B, T]; -> all of them [B, S]."""
+        self.kept_keys = keep if self.kept_keys is None else torch.cat((self.kept_keys, keep), dim=1)
+        return self.kept_keys
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.entries = {k: v.index_select(0, beam_idx) for k, v in self.entries.items()}
         if self.positions is not None:
             self.positions = self.positions.index_select(0, beam_idx)
+        if self.kept_keys is not None:
+            self.kept_keys = self.kept_keys.index_select(0, beam_idx)
 
     def offload(self) -> None:
         pass
@@ -207,6 +215,16 @@ def sdpa_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, key_padding: torch.Tenso
     return attn.causal_mask(q_pos, k_pos, key_padding)
 
 
+def key_mask(cache, cached, key_padding, key_filter) -> torch.Tensor | None:
+    """The keys this step's queries may see: ``key_padding`` and, with Token Filtering's
+    skip="key" (``key_filter`` maps what is cached to this step's decisions), not the skipped tokens."""
+    if key_filter is None:
+        return key_padding
+    keep = key_filter(cached)
+    kept = cache.keep_keys(keep) if cache is not None else keep
+    return kept if key_padding is None else key_padding.bool() & kept
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention, one class per layer kind; the math is latentkv.attention's
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +267,10 @@ class LatentAttention(nn.Module):
             k_gain=k_gain, rope_k_gain=k_gain if self.layer.num_rope_heads else None,
         )
 
-    def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath, with_cached: bool = False):
+    def forward(self, x, positions, cache: _LayerEntries | None, key_padding, path: AttnPath, with_cached: bool = False,
+                key_filter=None):
         """Attention output [B, T, D]; ``with_cached``: also what the layer now has cached (for
-        :meth:`filter_features`)."""
+        :meth:`filter_features`); ``key_filter``: see :func:`key_mask`."""
         B, T, _ = x.shape
         heads, w = self.heads(x.device), self.weights()
         q_nope, q_rope = attn.queries(self.q_proj(x).view(B, T, self.H, -1), positions, heads, w)
@@ -267,6 +286,7 @@ class LatentAttention(nn.Module):
         entries = cache.append(positions, **new) if cache is not None else new
         k_pos = cache.positions if cache is not None else positions
         cached = (entries["latent"], entries.get("rope"), entries.get("key_scale"), k_pos)
+        key_padding = key_mask(cache, cached, key_padding, key_filter)
         if path == "absorb" or (path == "auto" and T == 1 and cache is not None):
             o = attn.absorbed_attention(q_nope, q_rope, *cached, attn.causal_mask(positions, k_pos, key_padding), heads, w)
         else:
@@ -302,7 +322,7 @@ class HeadAttention(nn.Module):
         self.k_norm = RMSNorm(self.d_h, self.eps) if spec.qk_norm else None
         self.source_freqs = torch.tensor(spec.rope_inv_freq, dtype=torch.float64, device="cpu")  # not a buffer, see LatentAttention
 
-    def forward(self, x, positions, cache, key_padding, path, with_cached: bool = False):
+    def forward(self, x, positions, cache, key_padding, path, with_cached: bool = False, key_filter=None):
         B, T, _ = x.shape
         q, k = attn.head_queries_keys(
             self.q_proj(x).view(B, T, self.H, self.d_h), self.k_proj(x).view(B, T, self.G, self.d_h), positions,
@@ -313,6 +333,7 @@ class HeadAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.G, self.d_v)
         entries = cache.append(positions, k=k, v=v) if cache is not None else {"k": k, "v": v}
         k_pos = cache.positions if cache is not None else positions
+        key_padding = key_mask(cache, (entries["k"], entries["v"]), key_padding, key_filter)
         k_all, v_all = (entries[n].float().transpose(1, 2) for n in ("k", "v"))  # [B, G, S, d]
         o = attn.sdpa_attention(q.float().transpose(1, 2), k_all, v_all, sdpa_mask(positions, k_pos, key_padding, cache),
                                 self.layer.softmax_scale)
@@ -339,6 +360,13 @@ class DecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         if token_filter is None:
             a = self.self_attn(h, positions, cache, key_padding, path)
+        elif token_filter.skip == "key":  # Token Filtering: redundant tokens are left out as keys (still cached)
+            def decide(cached):
+                keep = self.filter_decisions(cached, key_padding, x.shape[1], token_filter)
+                self.last_keep = keep.float()
+                return keep
+
+            a = self.self_attn(h, positions, cache, key_padding, path, key_filter=decide)
         else:  # Token Filtering: redundant tokens' attention output is dropped (their K/V stay cached)
             a, cached = self.self_attn(h, positions, cache, key_padding, path, with_cached=True)
             keep = self.filter_decisions(cached, key_padding, x.shape[1], token_filter)

@@ -20,6 +20,10 @@ token at index t of the request (x = its key or value feature):
     skip t's attention sub-layer (its output is 0, the residual passes) if s_t > tau_t, t >= warm-up;
     fusion "veto": also keep it whenever std_h sK or std_h sV exceeds ``veto_std``.
 
+``skip="key"`` (a second reading, reference model only): a skipped token keeps its attention
+output but is left out as a key and value of its layer, for itself and every later token, as a
+KV-similarity eviction would; its latent is still cached.
+
 (a) The running average ``A <- g A + (1 - g) x`` truncated to its last W terms: cosine similarity
 ignores the scale, and with g = 0.9 the terms beyond W = 64 weigh under 0.12% together.
 
@@ -57,6 +61,10 @@ class TokenFilterOptions:
     features: Literal["latent", "heads"] = "latent"  # latent layers: the cached latent, or rebuilt per-head K/V
     score: Literal["kv", "key"] = "kv"  # "key": the key-only baseline (KeyDiff-style, key vs its anchor)
     random_seed: int | None = None  # set: skip a random fraction f instead (the random baseline)
+    # what a skipped token loses in its layer: "query" its attention output (the reading,
+    # the default) or "key": later tokens (and itself) do not attend to it (a reading closer to
+    # KV-similarity eviction; the reference model only)
+    skip: Literal["query", "key"] = "query"
 
     def __post_init__(self) -> None:
         problems = []

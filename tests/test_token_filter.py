@@ -4,6 +4,7 @@ real stories260K it beats random skipping and the key-only score."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -156,3 +157,31 @@ def test_left_padded_batch_decides_as_each_request_alone(stories, one_torch_thre
         alone = [model.generate(p[None], max_new_tokens=12, do_sample=False)[0, len(p):] for p in prompts]
     for row, want in zip(batch, alone):
         assert torch.equal(row, want)
+
+
+@pytest.mark.parametrize("kind", ["source", "full"])
+def test_skip_key_prefill_and_decode_agree(kind, stories, tmp_path, one_torch_thread):
+    """skip="key": skipped tokens are left out as keys; one prefill and a token-by-token decode give
+    the same decisions and logits, and the result differs from dense and from skip="query"."""
+    if kind == "source":
+        path = stories[1]
+    else:
+        path = tmp_path / "latent"
+        convert(make_hf_model(tmp_path / "src", "llama", layers=4, vocab=128), path,
+                ConvertOptions(kv_ratio=0.5, rope_mode="full", **PLAIN_SVD), progress=False,
+                calibration_ids=torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(0)))
+    model = _load(path)
+    ids = torch.randint(3, 100, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = model(ids).logits
+    opts = TokenFilterOptions(skip_fraction=0.5, layers="all", warmup=4)
+    model.token_filter = dataclasses.replace(opts, skip="query")
+    with torch.no_grad():
+        query = model(ids).logits
+    model.token_filter = dataclasses.replace(opts, skip="key")
+    keeps, logits, decoded, step_logits = _prefill_vs_decode(model, ids)
+    for a, b in zip(keeps, decoded):
+        assert torch.equal(a, b)
+    assert sum(float((1 - k).sum()) for k in keeps) > 0
+    torch.testing.assert_close(step_logits, logits, atol=2e-4, rtol=1e-4)
+    assert (logits - dense).abs().max() > 1e-3 and (logits - query).abs().max() > 1e-3

@@ -66,6 +66,9 @@ def filtered_layers(spec: fmt.LatentKVSpec) -> set[int]:
     opts = spec.token_filter_options()
     if opts is None:
         return set()
+    if opts.skip != "query":
+        raise fmt.FormatError(f"token_filter.skip={opts.skip!r} is a reference-model research option; vLLM serves "
+                              "skip='query' (the default)")
     layers = opts.filtered_layers(len(spec.layers))
     outside = sorted(i for i in layers if i >= len(spec.layers))
     other = sorted(i for i in layers if i < len(spec.layers) and not isinstance(spec.layers[i], fmt.LatentLayer))
