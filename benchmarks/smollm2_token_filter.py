@@ -22,6 +22,7 @@ measures what it does on a real model, in one run, side by side:
 
     python benchmarks/smollm2_token_filter.py          # -> results/smollm2_token_filter.{md,json} (~40 min, 2 cores)
     python benchmarks/smollm2_token_filter.py --windows 2 --prompts 4 --rows source   # quick look
+    python benchmarks/smollm2_token_filter.py --timing 5      # dense vs filtered prefill time -> ..._timing.md
 
 Converted checkpoints are cached in ``--workdir``.
 """
@@ -189,6 +190,34 @@ def write_results(rows: list[dict], a: argparse.Namespace, seconds: float, out: 
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
+def timing(path: Path, repeats: int, out: Path) -> None:
+    """Prefill time of one 1024-token window, dense and filtered, interleaved (medians side by side)."""
+    model, tok = load_model(path)
+    window = load_eval_windows(WIKITEXT, tok, 1024, max_windows=1, mode="raw")[0][None]
+    variants = {"dense": None, **{f"{kind} {f:.0%}{' skip as key' if skip == 'key' else ''}":
+                                  TokenFilterOptions(skip_fraction=f, skip=skip, **extra)
+                                  for skip in ("query", "key") for f in (0.25, 0.5)
+                                  for kind, extra in (("token filter", {}),)}}
+    seconds = {name: [] for name in variants}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, opts in variants.items():
+                model.token_filter = opts
+                t0 = time.perf_counter()
+                model(window)
+                seconds[name].append(time.perf_counter() - t0)
+    dense = statistics.median(seconds["dense"])
+    lines = ["# Token Filtering: prefill time in the reference model (SmolLM2-135M, one 1024-token window)", "",
+             f"Written by `benchmarks/smollm2_token_filter.py --timing {repeats}` (2 CPU cores): the variants "
+             f"interleaved, {repeats} rounds, medians. The reference model computes every token's attention and "
+             "drops the skipped ones' output (query skipping) or masks them as keys, so it saves nothing: this is "
+             "the decision's own cost. What a skip saves on a GPU is in `decode_cost_model.md`.", "",
+             "| variant | median s | x dense |", "|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(t):.3f} | {statistics.median(t) / dense:.3f} |" for name, t in seconds.items()]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -196,8 +225,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--workdir", default="smollm2-token-filter-work")
     p.add_argument("--out", default=str(RESULTS / "smollm2_token_filter"))
+    p.add_argument("--timing", type=int, metavar="ROUNDS",
+                   help="only time dense vs filtered prefill on the source, ROUNDS interleaved rounds -> ..._timing.md")
     a = p.parse_args()
     torch.manual_seed(0)
+    if a.timing:
+        timing(converted("source", Path(a.workdir)), a.timing, Path(a.out + "_timing.md"))
+        return
     t0 = time.perf_counter()
     rows = run(a)
     write_results(rows, a, time.perf_counter() - t0, Path(a.out))
