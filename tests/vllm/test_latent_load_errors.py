@@ -104,8 +104,22 @@ def test_nested_partial_override_is_merged_with_the_checkpoint(good):
 
 
 def test_override_of_weight_fields_is_rejected(good):
-    with pytest.raises(fmt.FormatError, match="may only set cache_dtype, int4_group_size; got layers"):
+    with pytest.raises(fmt.FormatError, match="may only set cache_dtype, int4_group_size, token_filter; got layers"):
         _load(good, latent_kv={"layers": []})
+
+
+def test_token_filter_override_and_off_switch(good):
+    spec, _ = _load(good, latent_kv_token_filter={"skip_fraction": 0.3, "layers": [1]})
+    assert spec.token_filter_options().skip_fraction == 0.3
+    spec, _ = _load(good, latent_kv={"token_filter": {"skip_fraction": 0.3}})  # nested, merged
+    assert spec.token_filter_options().skip_fraction == 0.3
+    spec, _ = _load(good, latent_kv_token_filter=False)
+    assert spec.token_filter_options() is None
+
+
+def test_bad_token_filter_override_is_rejected(good):
+    with pytest.raises(fmt.FormatError, match="unknown option.*skip_fractoin"):
+        _load(good, latent_kv_token_filter={"skip_fractoin": 0.3})
 
 
 def test_unknown_cache_dtype_is_rejected(good):
