@@ -32,14 +32,14 @@ CONFIG = dict(
 )
 
 
-def write_random_checkpoint(out: Path, shard_layers: int = 4) -> int:
-    """Random bf16 weights with the real shapes, in shards of a few layers; returns bytes written."""
-    c = CONFIG
+def write_random_checkpoint(out: Path, shard_layers: int = 4, config: dict = CONFIG) -> int:
+    """Random bf16 weights with the shapes of ``config``, in shards of a few layers; returns bytes written."""
+    c = config
     D, F, H, G, d = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     gen = torch.Generator().manual_seed(0)
     rand = lambda *s: (torch.randn(*s, generator=gen) * 0.02).to(torch.bfloat16)  # noqa: E731
     out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(CONFIG))
+    (out / "config.json").write_text(json.dumps(config))
     weight_map, total, shard = {}, 0, {}
 
     def flush(k: int) -> None:

@@ -62,6 +62,11 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-rootcov-refined-qo": (dict(rope_mode="full", **REFINED, refine_params="attention"), HALF),
     "shared32-rootcov-refined-qo": (dict(rope_mode="shared", rope_pairs=32, **REFINED, refine_params="attention"), HALF),
     "full-3groups-rootcov-refined": (dict(rope_mode="full", latent_groups=3, **REFINED), HALF),
+    # where the budget goes: per-layer widths from the activation error curves, or from the output KL
+    "full-rootcov-refined-budgeted": (dict(rope_mode="full", **REFINED, rank_allocation="budgeted"), HALF),
+    "full-rootcov-refined-kl": (dict(rope_mode="full", **REFINED, rank_allocation="kl"), BOTH),
+    "shared32-rootcov-refined-kl": (dict(rope_mode="shared", rope_pairs=32, **REFINED, rank_allocation="kl"), HALF),
+    "full-3groups-rootcov-refined-kl": (dict(rope_mode="full", latent_groups=3, **REFINED, rank_allocation="kl"), HALF),
 }
 INT4_ROWS = {"full-rootcov": (False, True)}  # row -> the --hadamard settings scored with an INT4 cache
 INT4_GROUP = 16
@@ -79,6 +84,12 @@ def score(model_dir: Path, windows, int4_group: int | None = None) -> tuple[floa
     return math.exp((nll_a + nll_b) / (n_a + n_b)), math.exp(nll_a / n_a), n_a + n_b
 
 
+def allocation(model_dir: Path) -> str:
+    """The per-layer cache picked by a rank allocation: latent widths, ``keep`` for uncompressed layers."""
+    layers = AutoConfig.from_pretrained(model_dir).latent_kv["layers"]
+    return ", ".join(str(layer["latent"]["v_rank"]) if layer["kind"] == "latent" else "keep" for layer in layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
@@ -93,7 +104,7 @@ def main() -> None:
                                 max_windows=args.windows or None)
     source_ppl, source_half, n_tokens = score(src, windows)
     print(f"source: {source_ppl:.3f} (first half {source_half:.3f}, {n_tokens} tokens)", flush=True)
-    lines = []
+    lines, picks = [], []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "latent"
         for label in args.rows:
@@ -105,6 +116,9 @@ def main() -> None:
                 ppl, half, _ = score(out, windows)
                 lines.append(f"| {label} | {ratio:.1%} | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} | {seconds:.0f} |")
                 print(lines[-1], flush=True)
+                if options.get("rank_allocation", "uniform") != "uniform":
+                    picks.append(f"- {label} at {ratio:.1%}: {allocation(out)}")
+                    print(picks[-1], flush=True)
                 for hadamard in INT4_ROWS.get(label, ()) if ratio == 0.5 else ():
                     if hadamard:
                         convert(src, out, ConvertOptions(kv_ratio=ratio, hadamard=True, **options), overwrite=True,
@@ -125,13 +139,16 @@ def main() -> None:
         "layout, vLLM's MLA kernels); `partial4` keeps 4 frequency pairs per KV head (MHA2MLA); `svd` = plain SVD "
         "(MHA2MLA), `rootcov` = root-covariance activation-aware SVD (LatentLLM), `centred` adds the bias update, "
         "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `-qo` frees the "
-        "query and output projections in that fit too, `3groups` = one latent per KV head (Palu).",
+        "query and output projections in that fit too, `3groups` = one latent per KV head (Palu); `budgeted` spreads "
+        "the same cache over the layers by the activation error curves, `kl` by each layer's measured effect on the "
+        "model's output (KL to the source at a few widths, or uncompressed).",
         "",
         "| setting | KV cache | perplexity | x source | first half | convert s |",
         "|---|---|---|---|---|---|",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + lines) + "\n")
+    footer = ["", "Per-layer widths picked by the allocations (layer 0 first; `keep` = uncompressed):", "", *picks] if picks else []
+    args.out.write_text("\n".join(header + lines + footer) + "\n")
     print(f"wrote {args.out}")
 
 

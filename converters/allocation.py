@@ -3,7 +3,8 @@
     latent_widths   the width of every layer from --rank, --ranks or --kv-ratio (the rope keys'
                     share of the cache comes off the ratio first)
     allocate_widths redistribute the same total over the layers: LoRC progressive ranks (weights'
-                    condition numbers) or budgeted (the method's activation-loss curves per layer)
+                    condition numbers), budgeted (the method's activation-loss curves per layer) or
+                    kl (each layer's measured effect on the model's output; may keep layers whole)
     make_ranks      (k_rank, v_rank) of one latent of a given width, clamped or rejected
     plan_layer      the layer's RoPE choice (kept pairs / shared rotation / full) and ranks
 """
@@ -11,6 +12,10 @@
 from __future__ import annotations
 
 import logging
+import math
+
+import numpy as np
+import torch
 
 from converters import calibration as calib
 from converters import methods
@@ -112,13 +117,19 @@ def plan_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, st
     return plan
 
 
-def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel, hidden, cached_stats: dict) -> list[int]:
-    """Per-layer latent widths with the same total as ``widths`` over the compressed layers.
+def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel, hidden, cached_stats: dict,
+                    convert_at=None) -> list[int | None]:
+    """Per-layer latent widths with the same total as ``widths`` over the compressed layers; None
+    marks a layer the allocation keeps uncompressed.
 
     lorc: LoRC progressive ranks from the condition numbers of each layer's compressed key and value
     weights (weights only); the mean width is <= the uniform one.  budgeted: error curves of the
     method's activation loss per layer (statistics pre-pass over all layers with the source model's
-    activations), then the allocation minimising the summed loss at exactly the same total.
+    activations), then the allocation minimising the summed loss at exactly the same total.  kl:
+    each layer's effect on the model's output (``converters.sensitivity``) at a few widths around
+    the uniform one and uncompressed, then the choice per layer minimising the summed KL within
+    the same cache (latent and rope values); ``convert_at(i, width, stats, hidden)`` builds a candidate
+    layer from its statistics and input hidden states.
     """
     dims = source.dims
     L = dims.num_hidden_layers
@@ -129,50 +140,128 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
     nope_dim = dims.head_dim - 2 * opts.rope_pairs if opts.rope_mode == "partial" else dims.head_dim
     limit = width_limit(opts, dims, nope_dim)
     clamp = lambda w: min(w, limit) if opts.derives_widths else w  # noqa: E731
-    total = sum(clamp(widths[i]) for i in layers)
     step = opts.latent_groups * (1 if opts.svd == "joint" or nope_dim == 0 else 2)
-    lo = step
+    base = {i: clamp(widths[i]) for i in layers}
     if opts.rank_allocation == "lorc":
-        from converters.math.rank_allocation import lorc_progressive_ranks
-
-        pairs = []
-        for i in layers:
-            src = source.attention(i)
-            plan = LatentPlan(rope_mode=opts.rope_mode, joint=True, k_rank=0, v_rank=0, groups=opts.latent_groups)
-            if opts.rope_mode == "partial":  # weights only: the pairs a weight-only strategy keeps
-                strategy = opts.rope_strategy if opts.rope_strategy != "2norm" else "high"  # 2norm: a proxy
-                plan.pairs = rs.select_partial_pairs(strategy, dims.head_dim // 2, dims.num_key_value_heads, opts.rope_pairs, None)
-            elif opts.rope_mode == "shared":
-                plan.rope_mode = "full"  # condition numbers of W_k, W_v as a whole
-            wk, wv = compressed_blocks(src, plan, dims)
-            pairs.append((wk, wv) if wk.shape[0] else (wv, wv))
-        res = lorc_progressive_ranks(pairs, d_max=limit, target_avg_rank=total / len(layers), min_rank=lo)
-        ranks = [max(lo, r // step * step) for r in res.ranks]
+        ranks = _lorc_widths(layers, sum(base.values()), opts, source, limit, step)
     else:
-        from converters.math.rank_allocation import budgeted_ranks
-
-        curves = []
-        h = hidden
-        for i in range(L):
-            src = source.attention(i)
-            if i in layers:
-                stats = calib.attention_stats(source, i, h, src)
-                if opts.calibration_inputs == "original":
-                    cached_stats[i] = stats
-                plan = plan_layer(i, lo, opts, source, stats)
-                wk, wv = compressed_blocks(src, plan, dims)
-                curve = methods.width_error_curve(opts, stats, wk, wv, plan.joint)
-                curves.append(curve[::step].clone())  # width units of `step` values
-            if i + 1 < L and i < max(layers):
-                h = calib.run_layer(calib.source_layer_module(source, i), h)
-        units = budgeted_ranks(curves, total // step, 1, min_rank=1)
-        ranks = [u * step for u in units]
-        left = total - sum(ranks)  # total not a multiple of step: give the rest to the first layer with room
-        for k in range(len(ranks)):
-            room = limit - ranks[k]
-            add = min(room, left)
-            ranks[k] += add
-            left -= add
+        keep = opts.allocation_samples if opts.rank_allocation == "kl" else 0
+        stats, inputs = _source_pass(opts, source, layers, hidden, keep)
+        if opts.calibration_inputs == "original":
+            cached_stats.update(stats)
+        if opts.rank_allocation == "budgeted":
+            ranks = _budgeted_widths(layers, sum(base.values()), opts, source, stats, limit, step)
+        else:
+            build = lambda i, w: convert_at(i, w, stats[i], inputs[i])  # noqa: E731
+            ranks = _kl_widths(base, opts, source, inputs, limit, step, build)
     for i, r in zip(layers, ranks):
         out[i] = r
     return out
+
+
+def _source_pass(opts: ConvertOptions, source: SourceModel, layers: list[int], hidden, keep: int):
+    """Statistics of every compressed layer on the source model's activations, and the hidden states
+    entering every layer of the first ``keep`` calibration sequences."""
+    stats, inputs = {}, []
+    h = hidden
+    for i in range(source.dims.num_hidden_layers):
+        inputs.append(h[:keep].clone() if keep else None)
+        if i in layers:
+            stats[i] = calib.attention_stats(source, i, h, source.attention(i))
+        if i + 1 < source.dims.num_hidden_layers and (keep or i < max(layers)):
+            h = calib.run_layer(calib.source_layer_module(source, i), h)
+    return stats, inputs
+
+
+def _lorc_widths(layers: list[int], total: int, opts: ConvertOptions, source: SourceModel, limit: int, step: int):
+    from converters.math.rank_allocation import lorc_progressive_ranks
+
+    dims = source.dims
+    pairs = []
+    for i in layers:
+        src = source.attention(i)
+        plan = LatentPlan(rope_mode=opts.rope_mode, joint=True, k_rank=0, v_rank=0, groups=opts.latent_groups)
+        if opts.rope_mode == "partial":  # weights only: the pairs a weight-only strategy keeps
+            strategy = opts.rope_strategy if opts.rope_strategy != "2norm" else "high"  # 2norm: a proxy
+            plan.pairs = rs.select_partial_pairs(strategy, dims.head_dim // 2, dims.num_key_value_heads, opts.rope_pairs, None)
+        elif opts.rope_mode == "shared":
+            plan.rope_mode = "full"  # condition numbers of W_k, W_v as a whole
+        wk, wv = compressed_blocks(src, plan, dims)
+        pairs.append((wk, wv) if wk.shape[0] else (wv, wv))
+    res = lorc_progressive_ranks(pairs, d_max=limit, target_avg_rank=total / len(layers), min_rank=step)
+    return [max(step, r // step * step) for r in res.ranks]
+
+
+def _budgeted_widths(layers: list[int], total: int, opts: ConvertOptions, source: SourceModel, stats: dict,
+                     limit: int, step: int):
+    from converters.math.rank_allocation import budgeted_ranks
+
+    curves = []
+    for i in layers:
+        src = source.attention(i)
+        plan = plan_layer(i, step, opts, source, stats[i])
+        wk, wv = compressed_blocks(src, plan, source.dims)
+        curve = methods.width_error_curve(opts, stats[i], wk, wv, plan.joint)
+        curves.append(curve[::step].clone())  # width units of `step` values
+    units = budgeted_ranks(curves, total // step, 1, min_rank=1)
+    ranks = [u * step for u in units]
+    left = total - sum(ranks)  # total not a multiple of step: give the rest to the first layer with room
+    for k in range(len(ranks)):
+        add = min(limit - ranks[k], left)
+        ranks[k] += add
+        left -= add
+    return ranks
+
+
+# Candidate widths of the kl allocation, as fractions of the layer's uniform width (and uncompressed).
+KL_WIDTH_FRACTIONS = (0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def kl_candidates(base: int, limit: int, step: int, latent_room: int) -> list[int]:
+    """Latent widths measured for a layer whose uniform width is ``base``: multiples of ``step``
+    below both the exact width ``limit`` and ``latent_room`` (the source cache less the rope values:
+    from there on keeping the layer uncompressed costs no more)."""
+    top = min(limit, latent_room)
+    snap = lambda w: max(step, round(w / step) * step)  # noqa: E731
+    return sorted({snap(f * base) for f in KL_WIDTH_FRACTIONS if snap(f * base) < top} | ({base} if base < top else set()))
+
+
+def _kl_widths(base: dict[int, int], opts: ConvertOptions, source: SourceModel, inputs, limit: int, step: int,
+               convert_at):
+    """Measure D_l(w) at each layer's candidate widths, then :func:`pick_widths`."""
+    from converters.sensitivity import layer_sensitivities
+
+    dims = source.dims
+    rope = rope_values(opts, dims, source.qk_norm)
+    whole = fmt.source_cache_values_per_token(dims)
+    device = opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    candidates = {i: kl_candidates(w, limit, step, whole - rope) for i, w in base.items()}
+    kl = layer_sensitivities(source, candidates, convert_at, inputs, device)
+    return pick_widths(kl, base, rope, whole)
+
+
+def pick_widths(kl: dict[int, dict[int, float]], base: dict[int, int], rope: int, whole: int) -> list[int | None]:
+    """One width per layer (None: uncompressed, D = 0, ``whole`` cache values) minimising
+    sum_l D_l(w_l) with exactly the cache of ``base`` (a latent of width w caches w + ``rope``
+    values): a multiple-choice knapsack over the measured widths, solved exactly by the DP of
+    ``budgeted_ranks`` in units of the costs' greatest common divisor (non-measured widths cost inf).
+    """
+    from converters.math.rank_allocation import budgeted_ranks
+
+    cost = {i: {w: w + rope for w in ws} for i, ws in kl.items()}  # cache values per token
+    total = sum(w + rope for w in base.values())
+    unit = math.gcd(total, whole, *(c for cs in cost.values() for c in cs.values()))
+    curves = []
+    for i in base:
+        curve = np.full(whole // unit + 1, np.inf)
+        for w, c in cost[i].items():
+            curve[c // unit] = kl[i][w]
+        curve[whole // unit] = 0.0  # uncompressed: the source layer itself
+        curves.append(curve)
+    units = budgeted_ranks(curves, total // unit, 1, min_rank=0, method="dp")
+    chosen = [None if u * unit == whole else u * unit - rope for u in units]
+    picked = sum(float(c[u]) for c, u in zip(curves, units))
+    uniform = sum(kl[i][w] for i, w in base.items() if w in kl[i])
+    log.info("kl rank allocation: summed KL %.4f (uniform widths: %.4f); widths %s", picked, uniform,
+             ["keep" if w is None else w for w in chosen])
+    return chosen

@@ -111,7 +111,8 @@ def convert(
         hidden = calib.embed(source, tokens) if tokens is not None else None
         cached_stats: dict = {}
         if opts.rank_allocation != "uniform":
-            widths = allocate_widths(widths, opts, source, hidden, cached_stats)
+            widths = allocate_widths(widths, opts, source, hidden, cached_stats,
+                                     lambda i, w, stats, h: _closed_form_module(i, w, opts, source, h, stats))
             log.info("%s rank allocation: latent widths %s", opts.rank_allocation, widths)
         bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
         for i in bar:
@@ -168,7 +169,7 @@ def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel,
 def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):
     src = source.attention(i)
     dims = source.dims
-    if i in opts.keep_layers:
+    if width is None or i in opts.keep_layers:  # None: kept uncompressed by the rank allocation
         return fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(dims.head_dim)), source_layer_tensors(src)
     if opts.method == "transkv":
         per_head = width // (2 * dims.num_key_value_heads)  # cache width G (r_k + r_v), r_k = r_v
@@ -188,10 +189,22 @@ def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceMo
     if opts.calibration_inputs == "original":
         module = calib.source_layer_module(source, i)
     else:
-        rest = {n.removeprefix(f"model.layers.{i}."): source.tensor(n, torch.float32) for n in source.layer_names(i) if ".self_attn." not in n}
-        rest.update({"self_attn." + n: t.float() for n, t in tensors.items()})
-        module = calib.layer_module(source, calib.single_layer_spec(source, layer, has_bias(opts, source)), rest, torch.float32)
+        module = _converted_module(i, layer, tensors, opts, source)
     return calib.run_layer(module, hidden)
+
+
+def _converted_module(i: int, layer, tensors: dict, opts: ConvertOptions, source: SourceModel):
+    """Decoder layer i with its converted attention (float32)."""
+    rest = {n.removeprefix(f"model.layers.{i}."): source.tensor(n, torch.float32) for n in source.layer_names(i) if ".self_attn." not in n}
+    rest.update({"self_attn." + n: t.float() for n, t in tensors.items()})
+    return calib.layer_module(source, calib.single_layer_spec(source, layer, has_bias(opts, source)), rest, torch.float32)
+
+
+def _closed_form_module(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats):
+    """Layer i converted at ``width`` by the closed form alone (a rank-allocation candidate), from its
+    statistics and input hidden states."""
+    layer, tensors = _convert_attention(i, width, opts, source, hidden, stats)
+    return _converted_module(i, layer, complete_biases(layer, tensors, opts, source), opts, source)
 
 
 def _spec(source: SourceModel, opts: ConvertOptions, layers: list) -> fmt.LatentKVSpec:

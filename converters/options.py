@@ -91,10 +91,14 @@ class ConvertOptions(CommandOptions):
                                              "biases to bias-free sources", json_schema_extra=_cli("method"))
     damping: float = Field(0.01, ge=0, description="relative damping lam = damping * mean diag of the input second moment",
                            json_schema_extra=_cli("method"))
-    rank_allocation: Literal["uniform", "lorc", "budgeted"] = Field(
+    rank_allocation: Literal["uniform", "lorc", "budgeted", "kl"] = Field(
         "uniform", description="per-layer latent widths for --kv-ratio/--rank: uniform; lorc: LoRC progressive ranks from "
-                               "the key/value weights' condition numbers; budgeted: activation error curves, same total",
+                               "the key/value weights' condition numbers; budgeted: activation error curves, same total; "
+                               "kl: each layer's effect on the model's output (KL to the source) at a few widths and "
+                               "uncompressed, the least summed KL in the same cache",
         json_schema_extra=_cli("method"))
+    allocation_samples: int = Field(8, ge=1, description="--rank-allocation kl: calibration sequences the output KL is "
+                                                         "measured on", json_schema_extra=_cli("method"))
     nope_scaling: Literal["none", "fit"] = Field(
         "none", description="partial/shared RoPE: none keeps the key dims that lose RoPE as they are (MHA2MLA); fit "
                             "scales each pair's NoPE'd part by a factor in [0, 1] fitted to the source layer's attention "
@@ -160,7 +164,7 @@ class ConvertOptions(CommandOptions):
             (self.method == "latentllm" and self.svd != "split",
              "method latentllm builds separate key and value latents: use --svd split"),
             (self.rank_allocation != "uniform" and self.ranks is not None,
-             "rank_allocation lorc/budgeted distributes a total budget: give kv_ratio or rank, not ranks"),
+             "rank_allocation lorc/budgeted/kl distributes a total budget: give kv_ratio or rank, not ranks"),
             (self.nope_scaling == "fit" and (self.rope_mode == "full" or self.method == "transkv"),
              "--nope-scaling fit scales the key dims that lose RoPE: use it with --rope-mode partial or shared"),
         ]
@@ -180,7 +184,7 @@ class ConvertOptions(CommandOptions):
 
     def needs_calibration(self) -> bool:
         return ((self.rope_mode == "partial" and self.rope_strategy == "2norm") or self.rope_mode == "shared"
-                or self.method != "svd" or self.rank_allocation == "budgeted" or self.nope_scaling == "fit"
+                or self.method != "svd" or self.rank_allocation in ("budgeted", "kl") or self.nope_scaling == "fit"
                 or self.refine_steps > 0)
 
     def calibration_path(self) -> Path:

@@ -169,3 +169,30 @@ def test_refinement_lowers_perplexity_and_leaves_exact_layers_exact(stories, win
     assert json.loads((refined_dir / "config.json").read_text())["latent_kv"]["method"]["params"]["refine_steps"] == 60
     exact = _convert(stories, tmp_path / "exact", rope_mode="full", kv_ratio=1.0, method="activation", refine_steps=20)
     torch.testing.assert_close(load_latent(exact)(IDS).logits, load_hf(stories)(IDS).logits, atol=1e-4, rtol=0)
+
+
+def test_kl_allocation_meets_the_budget_and_beats_uniform(stories, windows, tmp_path):
+    """Widths from each layer's effect on the output: the same cache, a lower perplexity than uniform widths."""
+    kw = dict(rope_mode="full", kv_ratio=0.375, method="activation", calibration_samples=8)
+    out = _convert(stories, tmp_path / "kl", rank_allocation="kl", allocation_samples=4, **kw)
+    layers = json.loads((out / "config.json").read_text())["latent_kv"]["layers"]
+    cache = [layer["latent"]["v_rank"] if layer["kind"] == "latent" else 64 for layer in layers]  # 64: uncompressed
+    assert sum(cache) == 5 * round(0.375 * 64) and len(set(cache)) > 1, cache
+    uniform = _ppl(_convert(stories, tmp_path / "uniform", **kw), windows)
+    allocated = _ppl(out, windows)
+    print(f"stories260K full RoPE 37.5% cache: uniform widths {uniform:.3f}, kl allocation {allocated:.3f} ({cache})")
+    assert allocated < uniform, (allocated, uniform)
+
+
+def test_kl_pick_keeps_a_layer_whole_when_that_pays():
+    from converters.allocation import pick_widths
+
+    # two layers, uniform width 4 (+ 0 rope) of a source layer of 8 values: layer 0 is very sensitive
+    kl = {0: {2: 9.0, 4: 5.0, 6: 3.0}, 1: {2: 0.1, 4: 0.05, 6: 0.01}}
+    assert pick_widths(kl, {0: 4, 1: 4}, rope=0, whole=8) == [6, 2]
+    kl[0] = {2: 9.0, 4: 5.0, 6: 4.0}  # keeping layer 0 (8 values, KL 0) forces layer 1 to width 0: not measured
+    assert pick_widths(kl, {0: 4, 1: 4}, rope=0, whole=8) == [6, 2]
+    kl[1][2], kl[1][0] = 0.1, 0.2  # now width 0 of layer 1 is a (measured) choice: keep layer 0
+    assert pick_widths(kl, {0: 4, 1: 4}, rope=0, whole=8) == [None, 0]
+    # rope values count in the cost: 4 + 2 rope each; keeping costs 8 = width 6 + 2
+    assert pick_widths({0: {2: 9.0, 4: 5.0}, 1: {2: 0.1, 4: 0.05}}, {0: 4, 1: 4}, rope=2, whole=8) == [None, 2]

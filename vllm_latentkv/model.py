@@ -84,16 +84,18 @@ def filtered_layers(spec: fmt.LatentKVSpec) -> set[int]:
 
 
 class LatentKVDecoderLayer(nn.Module):
-    def __init__(self, vllm_config: VllmConfig, spec: fmt.LatentKVSpec, dims: fmt.ModelDims, prefix: str = "") -> None:
+    def __init__(self, vllm_config: VllmConfig, spec: fmt.LatentKVSpec, dims: fmt.ModelDims, filtered: set[int],
+                 prefix: str = "") -> None:
         super().__init__()
         config = vllm_config.model_config.hf_config
         quant_config = vllm_config.quant_config
         idx = extract_layer_index(prefix)
-        filtered = idx in filtered_layers(spec)  # Token Filtering runs in our backend, not in vLLM's MLA
-        if not filtered and use_vllm_mla(spec.layers[idx], spec, dims):  # shared RoPE of DeepSeek's size: vLLM's own MLA layer
+        token_filter = spec.token_filter_options() if idx in filtered else None
+        if token_filter is None and use_vllm_mla(spec.layers[idx], spec, dims):  # shared RoPE of DeepSeek's size: vLLM's own MLA layer
             self.self_attn = LatentMLAAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
-        elif isinstance(spec.layers[idx], fmt.LatentLayer):
-            self.self_attn = LatentAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn")
+        elif isinstance(spec.layers[idx], fmt.LatentLayer):  # Token Filtering runs in our backend, not in vLLM's MLA
+            self.self_attn = LatentAttention(vllm_config, spec, dims, idx, quant_config, prefix=f"{prefix}.self_attn",
+                                             token_filter=token_filter)
         else:
             self.self_attn = HeadAttention(spec, dims, idx, vllm_config.cache_config, quant_config, prefix=f"{prefix}.self_attn",
                                            eps=config.rms_norm_eps)
@@ -127,6 +129,7 @@ class LatentKVModel(nn.Module):
         super().__init__()
         config = vllm_config.model_config.hf_config
         self.spec, self.dims = load_latent_spec(vllm_config)
+        self.filtered = filtered_layers(self.spec)
         self.config = config
         if get_pp_group().is_first_rank or (config.tie_word_embeddings and get_pp_group().is_last_rank):
             self.embed_tokens = VocabParallelEmbedding(self.dims.vocab_size, self.dims.hidden_size, quant_config=vllm_config.quant_config)
@@ -134,7 +137,7 @@ class LatentKVModel(nn.Module):
             self.embed_tokens = PPMissingLayer()
         self.start_layer, self.end_layer, self.layers = make_layers(
             self.dims.num_hidden_layers,
-            lambda prefix: LatentKVDecoderLayer(vllm_config, self.spec, self.dims, prefix=prefix),
+            lambda prefix: LatentKVDecoderLayer(vllm_config, self.spec, self.dims, self.filtered, prefix=prefix),
             prefix=f"{prefix}.layers",
         )
         self.norm = RMSNorm(self.dims.hidden_size, eps=config.rms_norm_eps) if get_pp_group().is_last_rank else PPMissingLayer()
@@ -186,7 +189,7 @@ class LatentKVForCausalLM(nn.Module):
             f" (group {spec.int4_group_size})" if spec.cache_dtype == "int4" else "",
         )
         if spec.token_filter is not None:
-            logger.info("latentkv: Token Filtering on layers %s: %s", sorted(filtered_layers(spec)), spec.token_filter_options())
+            logger.info("latentkv: Token Filtering on layers %s: %s", sorted(self.model.filtered), spec.token_filter_options())
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

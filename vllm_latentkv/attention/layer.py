@@ -27,6 +27,7 @@ from torch import nn
 
 from latentkv import attention as attn
 from latentkv import format as fmt
+from latentkv.token_filter import TokenFilterOptions
 from vllm_latentkv._vllm import (
     AttentionLayerBase,
     ColumnParallelLinear,
@@ -55,6 +56,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         layer_idx: int,
         quant_config: QuantizationConfig | None = None,
         prefix: str = "",
+        token_filter: TokenFilterOptions | None = None,
     ) -> None:
         super().__init__()
         layer = spec.layers[layer_idx]
@@ -74,7 +76,7 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         self.H_l, self.G_l = dims.num_attention_heads // self.tp, self.G // self.tp
         self.num_heads = self.H_l
         self._make_projections(layer, spec, dims, quant_config, prefix)
-        self._register(vllm_config, spec, where, prefix)
+        self._register(vllm_config, spec, where, prefix, self._checked(token_filter, where))
 
     def _make_projections(self, layer, spec, dims, quant_config, prefix) -> None:
         h, lat, bias, D = self.heads, layer.latent, spec.attention_bias, dims.hidden_size
@@ -97,27 +99,24 @@ class LatentAttention(nn.Module, AttentionLayerBase):
         else:
             self.q_norm = self.k_norm = None
 
-    def _register(self, vllm_config: VllmConfig, spec, where: str, prefix: str) -> None:
+    def _register(self, vllm_config: VllmConfig, spec, where: str, prefix: str,
+                  token_filter: TokenFilterOptions | None) -> None:
         """vLLM attention-layer plumbing: the cache layout and spec, the backend, the static forward context."""
         model_dtype = vllm_config.model_config.dtype if vllm_config.model_config is not None else torch.get_default_dtype()
         cache_dtype = vllm_config.cache_config.cache_dtype if vllm_config.cache_config is not None else "auto"
         elt_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(cache_dtype, model_dtype)
         self.layout = LatentCacheLayout.for_layer(self.layer, spec, elt_dtype, where)
         self.attn_backend = LatentKVAttentionBackend
-        self.impl = LatentKVAttentionImpl(self.heads, self.layout, cache_dtype, self._token_filter(spec, where),
-                                          self.layer_idx)
+        self.impl = LatentKVAttentionImpl(self.heads, self.layout, cache_dtype, token_filter, self.layer_idx)
         self.kv_cache = torch.tensor([])
         ctx = vllm_config.compilation_config.static_forward_context
         if prefix in ctx:
             raise ValueError(f"Duplicate layer name: {prefix}")
         ctx[prefix] = self
 
-    def _token_filter(self, spec: fmt.LatentKVSpec, where: str):
-        """Token Filtering's options if this layer is filtered (``latentkv.token_filter``), else None."""
-        opts = spec.token_filter_options()
-        if opts is None or self.layer_idx not in opts.filtered_layers(len(spec.layers)):
-            return None
-        if opts.features == "heads" and self.tp > 1:
+    def _checked(self, opts: TokenFilterOptions | None, where: str) -> TokenFilterOptions | None:
+        """This layer's Token Filtering options (``latentkv.token_filter``; None: not filtered), if it can run."""
+        if opts is not None and opts.features == "heads" and self.tp > 1:
             raise NotImplementedError(
                 f"{where}: Token Filtering with features='heads' decides on each rank's own KV heads, so "
                 "tensor-parallel ranks would disagree; use features='latent' (the default: the replicated latent)"
