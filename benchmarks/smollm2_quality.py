@@ -28,6 +28,7 @@ On a GPU the same script runs as it is (the reference model follows the default 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import tempfile
 import time
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1024 tokens (0: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_quality.md")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the converter's progress
     torch.manual_seed(0)
     t_start = time.perf_counter()
     src = smollm2_hf()
