@@ -95,7 +95,8 @@ class ConvertOptions(CommandOptions):
         "uniform", description="per-layer latent widths for --kv-ratio/--rank: uniform; lorc: LoRC progressive ranks from "
                                "the key/value weights' condition numbers; budgeted: activation error curves, same total; "
                                "kl: each layer's effect on the model's output (KL to the source) at a few widths and "
-                               "uncompressed, the least summed KL in the same cache",
+                               "uncompressed, the least summed KL in the same cache (judged on the calibration text: "
+                               "calibrate on text like what you serve)",
         json_schema_extra=_cli("method"))
     allocation_samples: int = Field(8, ge=1, description="--rank-allocation kl: calibration sequences the output KL is "
                                                          "measured on", json_schema_extra=_cli("method"))
