@@ -87,7 +87,9 @@ def main() -> None:
         "",
         f"Per layer on 2 CPU cores: closed form {closed:.0f} s, refinement {refined - closed:.0f} s more "
         f"({(refined - closed) / 100:.2f} s per Adam step), so the default recipe on 32 layers: about "
-        f"{32 * refined / 60:.0f} min; on a GPU (`--refine-device cuda`) the refinement is a few seconds per layer.",
+        f"{32 * refined / 60:.0f} min; on a GPU (`--refine-device cuda`) the refinement is a few seconds per layer. "
+        "On random weights the refinement finds little to improve (the log's attention output error): only its time "
+        "means anything here.",
         f"The kl allocation measured {candidates} candidate widths per layer here at {kl:.0f} s per layer "
         f"of {args.layers}; each candidate runs the layers after it and the output head, so on 32 layers its cost grows "
         "about 16-fold per layer (quadratic in depth): a GPU job for an 8B model.",
