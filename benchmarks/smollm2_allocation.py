@@ -11,10 +11,11 @@ Rows (full RoPE, root covariance, 50% cache):
 * uniform / kl, refined (the default 100 steps): the kl row reuses the closed-form row's widths
   through ``--ranks`` and ``--keep-layers``, which is what ``--rank-allocation kl`` with refinement
   converts (its candidates are measured on the closed form) without paying the KL pass twice;
-* uniform / kl, closed form, calibrated on WikiText-2 validation text instead of C4: does the
-  allocation help when the calibration text is the kind of text served?
+* uniform / kl, closed form, and uniform refined, calibrated on WikiText-2 validation text instead
+  of C4: does the allocation help when the calibration text is the kind of text served, and how
+  much does the calibration text itself move the default recipe?
 
-    python benchmarks/smollm2_allocation.py      # -> results/smollm2_allocation.{md,json} (~35 min on 2 cores)
+    python benchmarks/smollm2_allocation.py      # -> results/smollm2_allocation.{md,json} (~30 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def main() -> None:
              lambda: dict(kv_ratio=0.5, **CLOSED, calibration_text=str(WIKI_VALID))),
             ("kl, closed form, WikiText-2 valid calibration", Path(tmp) / "kl-wiki",
              lambda: dict(kv_ratio=0.5, **CLOSED, rank_allocation="kl", calibration_text=str(WIKI_VALID))),
+            ("uniform, refined, WikiText-2 valid calibration", Path(tmp) / "uniform-refined-wiki",
+             lambda: dict(kv_ratio=0.5, **{**CLOSED, "refine_steps": 100}, calibration_text=str(WIKI_VALID))),
         ]
         for label, out, options in rows:
             t0 = time.perf_counter()
