@@ -36,7 +36,7 @@ import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
-from latentkv.text import calibration_samples, load_eval_windows, read_documents, tokenize_documents
+from latentkv.text import calibration_starts, load_eval_windows, read_documents, tokenize_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
 C4 = WIKITEXT.parent / "c4_sample.jsonl"  # shipped with latentkv
@@ -51,12 +51,10 @@ def c4_heldout_windows(tokenizer, n: int, opts: ConvertOptions) -> list[torch.Te
     """The first ``n`` windows of the C4 sample's token stream that overlap no calibration sequence."""
     docs = tokenize_documents(tokenizer, read_documents(C4, text_field="text"))
     stream = torch.tensor([t for d in docs for t in d], dtype=torch.long)
-    calib = calibration_samples(docs, opts.calibration_samples, opts.calibration_seq_len, seed=opts.calibration_seed)
     used = torch.zeros(len(stream), dtype=torch.bool)
-    starts = torch.tensor([0] + [len(d) for d in docs[:-1]]).cumsum(0)
-    for seq in calib:  # each calibration sequence starts at a document start (align="document")
-        s = next(int(s) for s in starts if torch.equal(stream[s:s + len(seq)], seq))
-        used[s:s + len(seq)] = True
+    L = opts.calibration_seq_len
+    for s in calibration_starts(docs, opts.calibration_samples, L, seed=opts.calibration_seed):
+        used[s:s + L] = True
     windows = [stream[s:s + SEQ] for s in range(0, len(stream) - SEQ + 1, SEQ) if not used[s:s + SEQ].any()]
     return windows[:n]
 
@@ -80,9 +78,10 @@ def scores(windows: list[torch.Tensor], model: list[torch.Tensor], source: list[
 
 def widths(model_dir: Path) -> tuple[list[int], list[int]]:
     """The per-layer latent widths of a checkpoint and the layers it keeps uncompressed."""
-    layers = AutoConfig.from_pretrained(model_dir).latent_kv["layers"]
+    config = AutoConfig.from_pretrained(model_dir)
+    layers = config.latent_kv["layers"]
     kept = [i for i, layer in enumerate(layers) if layer["kind"] != "latent"]
-    full = 2 * 3 * 64  # a kept layer's entry in --ranks is ignored; any positive width will do
+    full = 2 * config.num_key_value_heads * config.head_dim  # a kept layer's --ranks entry is ignored
     return [layer["latent"]["v_rank"] if i not in kept else full for i, layer in enumerate(layers)], kept
 
 
@@ -112,7 +111,7 @@ def main() -> None:
             ("kl, closed form", kl_dir, lambda: dict(kv_ratio=0.5, **CLOSED, rank_allocation="kl")),
             ("uniform, refined", Path(tmp) / "uniform-refined", lambda: dict(kv_ratio=0.5, **{**CLOSED, "refine_steps": 100})),
             ("kl widths, refined", Path(tmp) / "kl-refined",
-             lambda: dict(ranks=widths(kl_dir)[0], keep_layers=widths(kl_dir)[1], **{**CLOSED, "refine_steps": 100})),
+             lambda: dict(zip(("ranks", "keep_layers"), widths(kl_dir)), **{**CLOSED, "refine_steps": 100})),
             # the same two closed forms calibrated (statistics and the allocation's KL) on WikiText-2 valid
             ("uniform, closed form, WikiText-2 valid calibration", Path(tmp) / "uniform-wiki",
              lambda: dict(kv_ratio=0.5, **CLOSED, calibration_text=str(WIKI_VALID))),

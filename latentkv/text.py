@@ -48,6 +48,7 @@ __all__ = [
     "read_documents",
     "tokenize_documents",
     "eval_windows",
+    "calibration_starts",
     "calibration_samples",
     "split_documents",
     "check_tokenizer_matches",
@@ -170,6 +171,32 @@ def eval_windows(
     return windows[:max_windows] if max_windows is not None else windows
 
 
+def calibration_starts(
+    token_docs: Sequence[Sequence[int]],
+    n_samples: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    align: Literal["document", "token"] = "document",
+) -> list[int]:
+    """Where each of ``calibration_samples``' sequences starts in the concatenated token stream."""
+    if n_samples <= 0 or seq_len <= 0:
+        raise ValueError(f"n_samples={n_samples} and seq_len={seq_len} must be positive")
+    n_tokens = sum(len(d) for d in token_docs)
+    if n_tokens < seq_len:
+        raise ValueError(f"not enough text for one calibration sequence: {n_tokens} tokens, "
+                         f"{seq_len} needed (seq_len)")
+    if align == "document":
+        starts = torch.tensor([0] + [len(d) for d in token_docs[:-1]], dtype=torch.long).cumsum(0)
+        starts = starts[starts + seq_len <= n_tokens]  # room for L tokens after the start
+    elif align == "token":
+        starts = torch.arange(n_tokens - seq_len + 1)
+    else:
+        raise ValueError(f"unknown align {align!r}; use 'document' or 'token'")
+    g = torch.Generator().manual_seed(seed)
+    return starts[torch.randint(len(starts), (n_samples,), generator=g)].tolist()
+
+
 def calibration_samples(
     token_docs: Sequence[Sequence[int]],
     n_samples: int,
@@ -179,22 +206,9 @@ def calibration_samples(
     align: Literal["document", "token"] = "document",
 ) -> torch.Tensor:
     """``n_samples`` sequences of exactly ``seq_len`` tokens, reproducible from ``seed`` -> [N, L]."""
-    if n_samples <= 0 or seq_len <= 0:
-        raise ValueError(f"n_samples={n_samples} and seq_len={seq_len} must be positive")
+    starts = calibration_starts(token_docs, n_samples, seq_len, seed=seed, align=align)
     stream = torch.tensor([t for d in token_docs for t in d], dtype=torch.long)
-    if len(stream) < seq_len:
-        raise ValueError(f"not enough text for one calibration sequence: {len(stream)} tokens, "
-                         f"{seq_len} needed (seq_len)")
-    if align == "document":
-        starts = torch.tensor([0] + [len(d) for d in token_docs[:-1]], dtype=torch.long).cumsum(0)
-        starts = starts[starts + seq_len <= len(stream)]  # room for L tokens after the start
-    elif align == "token":
-        starts = torch.arange(len(stream) - seq_len + 1)
-    else:
-        raise ValueError(f"unknown align {align!r}; use 'document' or 'token'")
-    g = torch.Generator().manual_seed(seed)
-    pick = starts[torch.randint(len(starts), (n_samples,), generator=g)]
-    return torch.stack([stream[s:s + seq_len] for s in pick.tolist()])
+    return torch.stack([stream[s:s + seq_len] for s in starts])
 
 
 def check_tokenizer_matches(tokenizer: Any, model_config: Any) -> None:

@@ -11,6 +11,7 @@ import torch
 from latentkv.evaluate import greedy_generate, nll_sum, perplexity
 from latentkv.text import (
     calibration_samples,
+    calibration_starts,
     check_tokenizer_matches,
     eval_windows,
     load_calibration_samples,
@@ -131,9 +132,10 @@ def test_calibration_samples_seeded():
     assert not torch.equal(a, calibration_samples(docs, 6, 16, seed=4))
     assert (a[:, 0] == 1).all()  # document-aligned: starts at a BOS
     stream = torch.tensor([t for d in docs for t in d])
-    for row in calibration_samples(docs, 8, 16, seed=0, align="token"):  # contiguous stream slices
-        starts = [s for s in range(len(stream) - 15) if torch.equal(stream[s:s + 16], row)]
-        assert starts
+    for align in ("document", "token"):  # contiguous stream slices, at the offsets calibration_starts names
+        rows = calibration_samples(docs, 8, 16, seed=0, align=align)
+        starts = calibration_starts(docs, 8, 16, seed=0, align=align)
+        assert all(torch.equal(stream[s:s + 16], row) for s, row in zip(starts, rows, strict=True))
     with pytest.raises(ValueError, match=r"not enough text for one calibration sequence: 142 tokens, 500 needed"):
         calibration_samples(docs, 2, 500)
 
