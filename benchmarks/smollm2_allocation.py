@@ -1,21 +1,21 @@
-"""Does a rank allocation judged on calibration text carry over to other text? SmolLM2, 50% cache.
+"""Rank allocation and calibration text, judged on other text: SmolLM2, 50% cache.
 
 ``--rank-allocation kl`` picks each layer's latent width to minimise the model's output KL to the
-source, measured on calibration sequences (the shipped C4 sample). This benchmark scores the
-uniform widths and the kl widths side by side on three texts: C4 windows that share no token with
-the calibration sequences (the calibration's own kind of text), WikiText-2 test and PTB test;
+source, measured on calibration sequences; ``care`` is CARE's water-filling on the layers'
+activation-error curves. This benchmark scores them beside uniform widths on three texts: C4
+windows that share no token with any row's calibration sequences, WikiText-2 test and PTB test;
 for each, the perplexity as a ratio to the source's and the mean next-token KL to the source.
 
-Rows (full RoPE, root covariance, 50% cache):
-* uniform / kl, closed form (``--refine-steps 0``): the kl widths come from the allocation itself;
-* uniform / kl, refined (the default 100 steps): the kl row reuses the closed-form row's widths
-  through ``--ranks`` and ``--keep-layers``, which is what ``--rank-allocation kl`` with refinement
-  converts (its candidates are measured on the closed form) without paying the KL pass twice;
-* uniform / kl, closed form, and uniform refined, calibrated on WikiText-2 validation text instead
-  of C4: does the allocation help when the calibration text is the kind of text served, and how
-  much does the calibration text itself move the default recipe?
+Rows (full RoPE, root covariance, 50% cache), calibrated on the shipped C4 sample unless named:
+* uniform / kl / care, closed form (``--refine-steps 0``): the widths come from the allocation;
+* uniform / kl / care, refined (the default 100 steps): the kl and care rows reuse the closed-form
+  rows' widths through ``--ranks`` and ``--keep-layers``, which is what the allocation with
+  refinement converts (it allocates on the closed form) without paying the kl pass twice;
+* uniform, closed form and refined, calibrated on WikiText-2 validation text instead, and on the
+  converter's default, half C4 and half WikiText-2 validation: how much does the calibration text
+  itself move the recipe?
 
-    python benchmarks/smollm2_allocation.py      # -> results/smollm2_allocation.{md,json} (~30 min on 2 cores)
+    python benchmarks/smollm2_allocation.py      # -> results/smollm2_allocation.{md,json} (~40 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -35,26 +35,31 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
+from converters.options import DEFAULT_CALIBRATION_TEXTS
 from converters.importers.smollm2 import smollm2_hf
-from latentkv.text import calibration_starts, load_eval_windows, read_documents, tokenize_documents
+from latentkv.text import calibration_shares, calibration_starts, load_eval_windows, read_documents, tokenize_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
 C4 = WIKITEXT.parent / "c4_sample.jsonl"  # shipped with latentkv
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 PTB = SHARED_TEXT / "ptb.test.txt"
-WIKI_VALID = SHARED_TEXT / "wiki.valid.raw"
+WIKI_VALID = WIKITEXT.parent / "wiki.valid.raw"  # shipped with latentkv
 CLOSED = dict(rope_mode="full", method="activation", preconditioner="root_covariance", refine_steps=0)
+C4_ONLY = dict(calibration_text=[str(C4)])
+REFINED = {**CLOSED, "refine_steps": 100}
 SEQ = 1024
 
 
 def c4_heldout_windows(tokenizer, n: int, opts: ConvertOptions) -> list[torch.Tensor]:
-    """The first ``n`` windows of the C4 sample's token stream that overlap no calibration sequence."""
+    """The first ``n`` windows of the C4 sample's token stream that overlap no calibration sequence
+    of C4 alone (all of ``opts.calibration_samples``) or of the default mix (C4's share of them)."""
     docs = tokenize_documents(tokenizer, read_documents(C4, text_field="text"))
     stream = torch.tensor([t for d in docs for t in d], dtype=torch.long)
     used = torch.zeros(len(stream), dtype=torch.bool)
     L = opts.calibration_seq_len
-    for s in calibration_starts(docs, opts.calibration_samples, L, seed=opts.calibration_seed):
-        used[s:s + L] = True
+    for count in (opts.calibration_samples, calibration_shares(opts.calibration_samples, len(DEFAULT_CALIBRATION_TEXTS))[0]):
+        for s in calibration_starts(docs, count, L, seed=opts.calibration_seed):
+            used[s:s + L] = True
     windows = [stream[s:s + SEQ] for s in range(0, len(stream) - SEQ + 1, SEQ) if not used[s:s + SEQ].any()]
     return windows[:n]
 
@@ -105,20 +110,23 @@ def main() -> None:
     del source_model
     results: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        kl_dir = Path(tmp) / "kl-closed"
+        kl_dir, care_dir = Path(tmp) / "kl-closed", Path(tmp) / "care-closed"
+        allocated = lambda d: dict(zip(("ranks", "keep_layers"), widths(d)))  # noqa: E731  the closed form's widths
         rows = [
-            ("uniform, closed form", Path(tmp) / "uniform-closed", lambda: dict(kv_ratio=0.5, **CLOSED)),
-            ("kl, closed form", kl_dir, lambda: dict(kv_ratio=0.5, **CLOSED, rank_allocation="kl")),
-            ("uniform, refined", Path(tmp) / "uniform-refined", lambda: dict(kv_ratio=0.5, **{**CLOSED, "refine_steps": 100})),
-            ("kl widths, refined", Path(tmp) / "kl-refined",
-             lambda: dict(zip(("ranks", "keep_layers"), widths(kl_dir)), **{**CLOSED, "refine_steps": 100})),
-            # the same two closed forms calibrated (statistics and the allocation's KL) on WikiText-2 valid
+            ("uniform, closed form", Path(tmp) / "uniform-closed", lambda: dict(kv_ratio=0.5, **CLOSED, **C4_ONLY)),
+            ("kl, closed form", kl_dir, lambda: dict(kv_ratio=0.5, **CLOSED, **C4_ONLY, rank_allocation="kl")),
+            ("care, closed form", care_dir, lambda: dict(kv_ratio=0.5, **CLOSED, **C4_ONLY, rank_allocation="care")),
+            ("uniform, refined", Path(tmp) / "uniform-refined", lambda: dict(kv_ratio=0.5, **REFINED, **C4_ONLY)),
+            ("kl widths, refined", Path(tmp) / "kl-refined", lambda: dict(**allocated(kl_dir), **REFINED, **C4_ONLY)),
+            ("care widths, refined", Path(tmp) / "care-refined", lambda: dict(**allocated(care_dir), **REFINED, **C4_ONLY)),
             ("uniform, closed form, WikiText-2 valid calibration", Path(tmp) / "uniform-wiki",
-             lambda: dict(kv_ratio=0.5, **CLOSED, calibration_text=str(WIKI_VALID))),
-            ("kl, closed form, WikiText-2 valid calibration", Path(tmp) / "kl-wiki",
-             lambda: dict(kv_ratio=0.5, **CLOSED, rank_allocation="kl", calibration_text=str(WIKI_VALID))),
+             lambda: dict(kv_ratio=0.5, **CLOSED, calibration_text=[str(WIKI_VALID)])),
             ("uniform, refined, WikiText-2 valid calibration", Path(tmp) / "uniform-refined-wiki",
-             lambda: dict(kv_ratio=0.5, **{**CLOSED, "refine_steps": 100}, calibration_text=str(WIKI_VALID))),
+             lambda: dict(kv_ratio=0.5, **REFINED, calibration_text=[str(WIKI_VALID)])),
+            ("uniform, closed form, default calibration (C4 + WikiText-2 valid)", Path(tmp) / "uniform-mix",
+             lambda: dict(kv_ratio=0.5, **CLOSED)),
+            ("uniform, refined, default calibration (C4 + WikiText-2 valid): the default recipe", Path(tmp) / "default",
+             lambda: dict(kv_ratio=0.5, **REFINED)),
         ]
         for label, out, options in rows:
             t0 = time.perf_counter()
@@ -136,12 +144,13 @@ def main() -> None:
 def write(results: list[dict], texts: dict, source_ppl: dict, args, seconds: float) -> None:
     names = list(texts)
     lines = [
-        "# Rank allocation judged on calibration text, scored on other text (SmolLM2-135M-Instruct, 50% cache)",
+        "# Rank allocation and calibration text, scored on other text (SmolLM2-135M-Instruct, 50% cache)",
         "",
         f"Written by `benchmarks/smollm2_allocation.py --windows {args.windows}` in {seconds:.0f} s (2 CPU cores). "
         "Full RoPE, root covariance; calibration and the kl allocation's KL: the shipped C4 sample unless the row "
-        "says otherwise (32 x 256 tokens, the allocation's KL on the first 8). Each text: the first "
-        f"{args.windows} windows of {SEQ} tokens; C4 windows share no token with the calibration sequences. "
+        "says otherwise (32 x 256 tokens, the allocation's KL on the first 8; the default mix: 16 of each text). "
+        f"Each text: the first {args.windows} windows of {SEQ} tokens; C4 windows share no token with any row's "
+        "calibration sequences. "
         "Source perplexity: " + ", ".join(f"{n} {source_ppl[n]:.3f}" for n in names) + ".",
         "",
         "| row | " + " | ".join(f"{n}: x source | {n}: KL" for n in names) + " | convert s |",
@@ -150,9 +159,9 @@ def write(results: list[dict], texts: dict, source_ppl: dict, args, seconds: flo
     for r in results:
         cells = " | ".join(f"{r[n]['x_source']:.3f} | {r[n]['kl']:.4f}" for n in names)
         lines.append(f"| {r['row']} | {cells} | {r['convert_seconds']} |")
-    lines += ["", "Widths picked by the kl allocations (layer 0 first; `keep` = uncompressed):", ""]
+    lines += ["", "Widths picked by the allocations (layer 0 first; `keep` = uncompressed):", ""]
     for r in results:
-        if r["row"].startswith("kl, "):
+        if r["row"].startswith(("kl, ", "care, ")):
             w, kept = r["widths"]
             lines.append(f"- {r['row']}: " + ", ".join("keep" if i in kept else str(x) for i, x in enumerate(w)))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@ its GGUF (``converters/importers/smollm2.py``). Each row is converted from the s
 the same calibration tokens and scored on the same evaluation windows, in one run.
 
 Protocol (the papers' WikiText-2 perplexity):
-* calibration: the C4 sample shipped with latentkv, 32 sequences of 256 tokens (the converter's
-  default), seed 0;
+* calibration (``--calibration``): ``c4``, the C4 sample shipped with latentkv, 32 sequences of 256
+  tokens, seed 0 (the converter's default when the tables were written), or ``default``, the
+  converter's default now: half C4, half WikiText-2 validation text (``smollm2_allocation.py``);
 * evaluation: ``wiki.test.raw`` as one token stream cut into windows of 1024 tokens
   (``latentkv eval --windows raw --seq-len 1024``), the first ``--windows`` of them; the first
   token of each window is context only. The table reports the perplexity over all of them and,
@@ -47,6 +48,12 @@ from latentkv.text import load_eval_windows
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT_COV = dict(method="activation", preconditioner="root_covariance", refine_steps=0)
 REFINED = {**ROOT_COV, "refine_steps": 100}
+# --calibration: C4 alone (the tables' protocol, and the converter's default when they were written)
+# or the converter's default now, half C4 and half WikiText-2 validation text.
+CALIBRATIONS = {
+    "c4": (dict(calibration_text=[str(WIKITEXT.parent / "c4_sample.jsonl")]), "the shipped C4 sample, 32 x 256 tokens"),
+    "default": ({}, "the converter's default, 16 x 256 tokens of the shipped C4 sample and 16 of WikiText-2 validation"),
+}
 
 # label -> (converter options without the ratio, KV ratios scored). Full RoPE caches the latent
 # only; shared RoPE with 32 components caches DeepSeek's 64 rope values beside it; partial keeps 4
@@ -96,6 +103,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--ratios", nargs="*", type=float, help="override every row's ratios")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1024 tokens (0: all)")
+    parser.add_argument("--calibration", choices=list(CALIBRATIONS), default="c4")
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_quality.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the converter's progress
@@ -107,13 +115,14 @@ def main() -> None:
     source_ppl, source_half, n_tokens = score(src, windows)
     print(f"source: {source_ppl:.3f} (first half {source_half:.3f}, {n_tokens} tokens)", flush=True)
     lines, picks = [], []
+    calibration, calibration_text = CALIBRATIONS[args.calibration]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "latent"
         for label in args.rows:
             options, ratios = ROWS[label]
             for ratio in args.ratios or ratios:
                 t0 = time.perf_counter()
-                convert(src, out, ConvertOptions(kv_ratio=ratio, **options), overwrite=True, progress=False)
+                convert(src, out, ConvertOptions(kv_ratio=ratio, **calibration, **options), overwrite=True, progress=False)
                 seconds = time.perf_counter() - t0
                 ppl, half, _ = score(out, windows)
                 lines.append(f"| {label} | {ratio:.1%} | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} | {seconds:.0f} |")
@@ -123,7 +132,7 @@ def main() -> None:
                     print(picks[-1], flush=True)
                 for hadamard in INT4_ROWS.get(label, ()) if ratio == 0.5 else ():
                     if hadamard:
-                        convert(src, out, ConvertOptions(kv_ratio=ratio, hadamard=True, **options), overwrite=True,
+                        convert(src, out, ConvertOptions(kv_ratio=ratio, hadamard=True, **calibration, **options), overwrite=True,
                                 progress=False)
                     ppl, half, _ = score(out, windows, INT4_GROUP)
                     name = f"{label} + INT4 cache (g{INT4_GROUP}){' + Hadamard' if hadamard else ''}"
@@ -132,10 +141,10 @@ def main() -> None:
     header = [
         "# SmolLM2-135M-Instruct: one-shot perplexity by RoPE mode, method and KV-cache ratio",
         "",
-        f"Written by `benchmarks/smollm2_quality.py --windows {args.windows}` in {time.perf_counter() - t_start:.0f} s "
+        f"Written by `benchmarks/smollm2_quality.py --windows {args.windows} --calibration {args.calibration}` in {time.perf_counter() - t_start:.0f} s "
         "(2 CPU cores). No fine-tuning.",
         f"WikiText-2 test, raw stream, {len(windows)} windows of 1024 tokens = {n_tokens} tokens scored; "
-        "calibration: the shipped C4 sample, 32 x 256 tokens.",
+        f"calibration: {calibration_text}.",
         f"Source model: **{source_ppl:.3f}** (first half of the windows: {source_half:.3f}).",
         "Rows: `full` caches only the latent (keys rebuilt and rotated); `shared32` caches 64 rope values (DeepSeek's "
         "layout, vLLM's MLA kernels); `partial4` keeps 4 frequency pairs per KV head (MHA2MLA); `svd` = plain SVD "

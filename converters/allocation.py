@@ -3,7 +3,8 @@
     latent_widths   the width of every layer from --rank, --ranks or --kv-ratio (the rope keys'
                     share of the cache comes off the ratio first)
     allocate_widths redistribute the same total over the layers: LoRC progressive ranks (weights'
-                    condition numbers), budgeted (the method's activation-loss curves per layer) or
+                    condition numbers), budgeted (the method's activation-loss curves per layer),
+                    care (CARE's water-filling on the same curves, by each layer's relative gain) or
                     kl (each layer's measured effect on the model's output; may keep layers whole)
     make_ranks      (k_rank, v_rank) of one latent of a given width, clamped or rejected
     plan_layer      the layer's RoPE choice (kept pairs / shared rotation / full) and ranks
@@ -125,7 +126,8 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
     lorc: LoRC progressive ranks from the condition numbers of each layer's compressed key and value
     weights (weights only); the mean width is <= the uniform one.  budgeted: error curves of the
     method's activation loss per layer (statistics pre-pass over all layers with the source model's
-    activations), then the allocation minimising the summed loss at exactly the same total.  kl:
+    activations), then the allocation minimising the summed loss at exactly the same total.  care: the
+    same curves, CARE's greedy by relative gain (``_budgeted_widths``).  kl:
     each layer's effect on the model's output (``converters.sensitivity``) at a few widths around
     the uniform one and uncompressed, then the choice per layer minimising the summed KL within
     the same cache (latent and rope values); ``convert_at(i, width, stats, hidden)`` builds a candidate
@@ -149,8 +151,8 @@ def allocate_widths(widths: list[int], opts: ConvertOptions, source: SourceModel
         stats, inputs = _source_pass(opts, source, layers, hidden, keep)
         if opts.calibration_inputs == "original":
             cached_stats.update(stats)
-        if opts.rank_allocation == "budgeted":
-            ranks = _budgeted_widths(layers, sum(base.values()), opts, source, stats, limit, step)
+        if opts.rank_allocation in ("budgeted", "care"):
+            ranks = _budgeted_widths(layers, base, opts, source, stats, limit, step)
         else:
             build = lambda i, w: convert_at(i, w, stats[i], inputs[i])  # noqa: E731
             ranks = _kl_widths(base, opts, source, inputs, limit, step, build)
@@ -192,10 +194,13 @@ def _lorc_widths(layers: list[int], total: int, opts: ConvertOptions, source: So
     return [max(step, r // step * step) for r in res.ranks]
 
 
-def _budgeted_widths(layers: list[int], total: int, opts: ConvertOptions, source: SourceModel, stats: dict,
+def _budgeted_widths(layers: list[int], base: dict[int, int], opts: ConvertOptions, source: SourceModel, stats: dict,
                      limit: int, step: int):
+    """budgeted: the widths of least summed activation error (exact for convex curves).  care: CARE's
+    water-filling (eq. 1), each layer between half and twice its uniform width as CARE's code does."""
     from converters.math.rank_allocation import budgeted_ranks
 
+    total = sum(base.values())
     curves = []
     for i in layers:
         src = source.attention(i)
@@ -203,7 +208,12 @@ def _budgeted_widths(layers: list[int], total: int, opts: ConvertOptions, source
         wk, wv = compressed_blocks(src, plan, source.dims)
         curve = methods.width_error_curve(opts, stats[i], wk, wv, plan.joint)
         curves.append(curve[::step].clone())  # width units of `step` values
-    units = budgeted_ranks(curves, total // step, 1, min_rank=1)
+    if opts.rank_allocation == "care":
+        uniform = min(base.values()) // step
+        units = budgeted_ranks(curves, total // step, 1, min_rank=max(1, uniform // 2), max_rank=2 * uniform,
+                               gain="relative")
+    else:
+        units = budgeted_ranks(curves, total // step, 1, min_rank=1)
     ranks = [u * step for u in units]
     left = total - sum(ranks)  # total not a multiple of step: give the rest to the first layer with room
     for k in range(len(ranks)):

@@ -65,11 +65,12 @@ def calibration_tokens(source: SourceModel, opts: ConvertOptions) -> torch.Tenso
 
     tokenizer = AutoTokenizer.from_pretrained(source.dir)
     check_tokenizer_matches(tokenizer, source.hf_config)
-    path = opts.calibration_path()
+    paths = opts.calibration_paths()
     if not opts.calibration_text:
-        log.info("no calibration text given: calibrating on the C4 sample shipped with latentkv (%s)", path.name)
+        log.info("no calibration text given: calibrating on the texts shipped with latentkv (%s), an equal share each",
+                 " + ".join(p.name for p in paths))
     return load_calibration_samples(
-        path, tokenizer, opts.calibration_samples, opts.calibration_seq_len,
+        paths, tokenizer, opts.calibration_samples, opts.calibration_seq_len,
         seed=opts.calibration_seed, text_field=opts.calibration_text_field,
     )
 

@@ -31,7 +31,8 @@ Windows (``eval_windows``):
 Calibration (``calibration_samples``): N sequences of exactly L tokens from the concatenated
 stream; each starts at a randomly chosen document start (``align="document"``, so position 0 is
 that document's BOS, as at inference) or at a random token offset (``align="token"``), drawn
-with a ``torch.Generator`` seeded by ``seed`` (same inputs + seed -> same samples).
+with a ``torch.Generator`` seeded by ``seed`` (same inputs + seed -> same samples). Several texts
+(``load_calibration_samples``) share the N sequences, interleaved.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "split_documents",
     "check_tokenizer_matches",
     "load_eval_windows",
+    "calibration_shares",
     "load_calibration_samples",
     "ENDOFTEXT",
 ]
@@ -258,8 +260,13 @@ def _is_jsonl(path: str | Path, fmt: str) -> bool:
     return fmt == "jsonl" or (fmt == "auto" and Path(path).suffix.lower() in (".jsonl", ".json"))
 
 
+def calibration_shares(n_samples: int, n_texts: int) -> list[int]:
+    """How many of ``n_samples`` calibration sequences each of ``n_texts`` texts gives (the first get the rest)."""
+    return [n_samples // n_texts + (i < n_samples % n_texts) for i in range(n_texts)]
+
+
 def load_calibration_samples(
-    path: str | Path,
+    paths: str | Path | Sequence[str | Path],
     tokenizer: Any,
     n_samples: int,
     seq_len: int,
@@ -269,8 +276,17 @@ def load_calibration_samples(
     fmt: Literal["auto", "text", "jsonl"] = "auto",
     text_field: str = "text",
 ) -> torch.Tensor:
-    """read_documents -> tokenize_documents (BOS per document) -> calibration_samples -> [N, L]."""
+    """read_documents -> tokenize_documents (BOS per document) -> calibration_samples -> [N, L].
+
+    Several texts are mixed: each gives its :func:`calibration_shares` of the N sequences (each
+    drawn with ``seed``), interleaved row by row, so that any first n rows mix the texts too.
+    """
     if n_samples <= 0 or seq_len <= 0:  # before reading/tokenizing anything
         raise ValueError(f"n_samples={n_samples} and seq_len={seq_len} must be positive")
-    docs = read_documents(path, fmt=fmt, text_field=text_field)
-    return calibration_samples(tokenize_documents(tokenizer, docs), n_samples, seq_len, seed=seed, align=align)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not 0 < len(paths) <= n_samples:
+        raise ValueError(f"{len(paths)} calibration texts for {n_samples} sequences: give 1 to {n_samples} texts")
+    texts = [read_documents(path, fmt=fmt, text_field=text_field) for path in paths]  # every file checked first
+    parts = [calibration_samples(tokenize_documents(tokenizer, docs), n, seq_len, seed=seed, align=align)
+             for docs, n in zip(texts, calibration_shares(n_samples, len(paths)))]
+    return torch.stack([rows[j] for j in range(len(parts[0])) for rows in parts if j < len(rows)])

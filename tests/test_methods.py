@@ -12,6 +12,7 @@ from converters.cli import DATA
 from tests.helpers import PLAIN_SVD, load_hf, load_latent
 
 CAL = str(DATA / "text" / "tinystories_a.txt")
+CAL2 = str(DATA / "text" / "tinystories_sample.txt")
 EVAL = DATA / "text" / "tinystories_sample.txt"
 IDS = torch.tensor([[1, 403, 407, 261, 378, 11, 300, 284, 266, 352, 409, 282]])
 
@@ -77,29 +78,32 @@ def test_latentllm_partial_values_only_is_exact(stories, tmp_path):
     assert (load_latent(out)(IDS).logits - load_hf(stories)(IDS).logits).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("alloc", ["lorc", "budgeted"])
+@pytest.mark.parametrize("alloc", ["lorc", "budgeted", "care"])
 def test_allocated_ranks_are_recorded_and_meet_the_budget(stories, tmp_path, alloc):
     out = _convert(stories, tmp_path / "out", rope_mode="full", kv_ratio=0.375, method="activation", rank_allocation=alloc)
     layers = json.loads((out / "config.json").read_text())["latent_kv"]["layers"]
     widths = [layer["latent"]["v_rank"] for layer in layers]  # joint: one latent of v_rank values
     uniform = round(0.375 * 64)
-    if alloc == "budgeted":
+    if alloc in ("budgeted", "care"):
         assert sum(widths) == 5 * uniform
         assert len(set(widths)) > 1
+        if alloc == "care":  # CARE's bounds: half to twice the uniform width
+            assert all(uniform // 2 <= w <= 2 * uniform for w in widths)
     else:
         assert sum(widths) <= 5 * uniform
         assert widths == sorted(widths, reverse=True)  # LoRC: non-increasing with depth
 
 
 def test_methods_need_calibration(stories, tmp_path):
-    from converters.options import DEFAULT_CALIBRATION_TEXT
+    from converters.options import DEFAULT_CALIBRATION_TEXTS
 
     assert ConvertOptions(method="activation").needs_calibration()
     assert ConvertOptions(rank_allocation="budgeted", rope_mode="full", method="svd").needs_calibration()
     assert not ConvertOptions(rope_mode="full", method="svd", refine_steps=0).needs_calibration()
     assert ConvertOptions(rope_mode="full", method="svd").needs_calibration()  # the refinement runs on calibration text
-    # no calibration text given: the shipped C4 sample is used
-    assert ConvertOptions().calibration_path() == DEFAULT_CALIBRATION_TEXT and DEFAULT_CALIBRATION_TEXT.is_file()
+    # no calibration text given: the shipped C4 sample and WikiText-2 validation text are used
+    assert ConvertOptions().calibration_paths() == list(DEFAULT_CALIBRATION_TEXTS)
+    assert all(p.is_file() for p in DEFAULT_CALIBRATION_TEXTS)
     convert(stories, tmp_path / "x", ConvertOptions(rope_mode="full", kv_ratio=0.5, calibration_samples=4), progress=False)
     assert json.loads((tmp_path / "x" / "config.json").read_text())["latent_kv"]["method"]["name"] == "mha2mla+activation-svd"
     with pytest.raises(ConversionError, match="split"):
@@ -113,8 +117,9 @@ def test_cli_method_flags(stories, tmp_path):
     out = tmp_path / "cli"
     assert main(["convert", str(stories), str(out), "--rope-mode", "full", "--kv-ratio", "0.5", "--method", "activation",
                  "--preconditioner", "diag_l2", "--damping", "0.05", "--rank-allocation", "budgeted",
-                 "--calibration-text", CAL, "--calibration-samples", "8"]) == 0
+                 "--calibration-text", CAL, "--calibration-text", CAL2, "--calibration-samples", "8"]) == 0
     method = json.loads((out / "config.json").read_text())["latent_kv"]["method"]
+    assert method["params"]["calibration_text"] == [CAL, CAL2]  # the flag repeats: the texts are mixed
     assert method["name"] == "mha2mla+activation-svd"
     assert method["params"]["preconditioner"] == "diag_l2" and method["params"]["damping"] == 0.05
     assert method["params"]["rank_allocation"] == "budgeted"

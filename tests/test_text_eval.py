@@ -11,6 +11,7 @@ import torch
 from latentkv.evaluate import greedy_generate, nll_sum, perplexity
 from latentkv.text import (
     calibration_samples,
+    calibration_shares,
     calibration_starts,
     check_tokenizer_matches,
     eval_windows,
@@ -149,6 +150,20 @@ def test_too_short_text_real_tokenizer(stories, tmp_path):
         load_calibration_samples(p, tok, 4, 256)
     with pytest.raises(ValueError, match=r"one window: 6 tokens, 512 needed"):
         load_eval_windows(p, tok, 512, mode="stream")
+
+
+@needs_data
+def test_several_calibration_texts_share_the_sequences_interleaved(stories, tmp_path):
+    _, tok = stories
+    texts = [TEXT / "tinystories_a.txt", TEXT / "tinystories_sample.txt"]
+    mixed = load_calibration_samples(texts, tok, 5, 32, seed=7)
+    assert calibration_shares(5, 2) == [3, 2]
+    alone = [load_calibration_samples(t, tok, n, 32, seed=7) for t, n in zip(texts, (3, 2))]
+    assert torch.equal(mixed[0::2], alone[0]) and torch.equal(mixed[1::2], alone[1])  # a, b, a, b, a
+    with pytest.raises(FileNotFoundError, match="missing.txt"):  # every file is checked before any work
+        load_calibration_samples([texts[0], tmp_path / "missing.txt"], tok, 4, 32)
+    with pytest.raises(ValueError, match="3 calibration texts for 2 sequences"):
+        load_calibration_samples(texts + texts[:1], tok, 2, 32)
 
 
 @needs_data

@@ -11,6 +11,9 @@ Symbols
     d_c^l          d_max [1 - (max ln kappa~ - ln kappa~_l)/(max ln kappa~ - min ln kappa~) (1 - d_min/d_max)]
                                                                                        (LoRC eq. 13)
     e_l(r)         measured error of layer l at rank r (e.g. activation_svd.activation_error_curve)
+    s_l(r)         CARE's score of layer l's next rank: the share of its remaining error that rank
+                   removes, (e_l(r) - e_l(r+1)) / e_l(r) = sigma_{r+1}^2 / sum_{m>r} sigma_m^2
+                   (CARE eq. 1, with e_l the tail energy of the covariance-weighted spectrum)
     c_l            cache cost of one rank unit of layer l (cost_per_rank)
     budget         sum_l c_l r_l, met exactly by :func:`budgeted_ranks`
 
@@ -250,6 +253,7 @@ def budgeted_ranks(
     max_rank: int | None = None,
     *,
     method: Literal["greedy", "dp"] = "greedy",
+    gain: Literal["absolute", "relative"] = "absolute",
 ) -> list[int]:
     """Per-layer ranks with sum_l cost_l * r_l == budget exactly, spending rank where it helps most.
 
@@ -265,8 +269,11 @@ def budgeted_ranks(
     steps are the `budget` largest marginal gains, and convexity makes each layer's chosen steps a
     prefix.  For non-convex curves or unequal costs greedy is a heuristic.  If it cannot spend the
     budget exactly (unequal costs) it falls back to the DP, with a warning.
+    gain="relative" ranks the steps by CARE's score s_l(r) (eq. 1) instead: the error a rank
+    removes as a share of the layer's remaining error, which puts layers of different spectral
+    scales on one footing (CARE's water-filling; a heuristic, it does not minimise the summed error).
     method="dp": exact optimum for arbitrary curves and integer costs (multiple-choice knapsack
-    dynamic programme, O(L * R * budget)).
+    dynamic programme, O(L * R * budget)); absolute gains only.
     Raises ValueError if no allocation meets the budget exactly.
     """
     L = len(error_curves)
@@ -283,7 +290,11 @@ def budgeted_ranks(
         raise ValueError(
             f"budget {budget} outside [{sum(c * a for c, a in zip(costs, lo))}, {sum(c * b for c, b in zip(costs, hi))}]"
         )
+    if gain not in ("absolute", "relative"):
+        raise ValueError("gain must be 'absolute' or 'relative'")
     if method == "dp":
+        if gain != "absolute":
+            raise ValueError("the DP minimises the summed error: use method='greedy' with gain='relative'")
         ranks = _budget_dp(curves, costs, lo, hi, units)
         if ranks is None:
             raise ValueError(f"no allocation meets budget {budget} exactly with costs {sorted(set(costs))}")
@@ -295,8 +306,11 @@ def budgeted_ranks(
 
     def push(l: int) -> None:
         if ranks[l] < hi[l]:
-            gain = (curves[l][ranks[l]] - curves[l][ranks[l] + 1]) / costs[l]
-            heapq.heappush(heap, (-gain, l))
+            e = curves[l]
+            drop = e[ranks[l]] - e[ranks[l] + 1]
+            if gain == "relative":  # CARE eq. 1; an exact layer (no error left) gains nothing more
+                drop = drop / e[ranks[l]] if e[ranks[l]] > 0 else 0.0
+            heapq.heappush(heap, (-drop / costs[l], l))
 
     for l in range(L):
         push(l)
@@ -310,6 +324,8 @@ def budgeted_ranks(
         ranks[l] += 1
         left -= costs[l]
         push(l)
+    if left != 0 and gain == "relative":
+        raise ValueError(f"budgeted_ranks: relative gains cannot spend the last {left} budget units with unequal costs")
     if left != 0:
         warnings.warn(
             f"budgeted_ranks: greedy left {left} budget units unspendable with unequal costs; "

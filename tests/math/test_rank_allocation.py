@@ -137,3 +137,14 @@ def test_budgeted_unequal_costs_exact_and_dp_on_nonconvex():
         budgeted_ranks(curves, 10_000)
     with pytest.raises(ValueError, match="exactly"):
         budgeted_ranks([np.zeros(5), np.zeros(5)], 3, [2, 2], method="dp")
+
+
+def test_relative_gain_ignores_a_layer_scale_and_absolute_does_not():
+    # CARE's score (eq. 1) of an exponential tail is constant, 1 - exp(-1/tau), whatever its scale:
+    # the faster-decaying layer gets every rank it can, though the other holds 100x the error.
+    fast_small, slow_large = np.exp(-np.arange(21) / 3.0), 100 * np.exp(-np.arange(21) / 4.0)
+    assert budgeted_ranks([fast_small, slow_large], 20, max_rank=15, gain="relative") == [15, 5]
+    small, large = budgeted_ranks([fast_small, slow_large], 20, max_rank=15, gain="absolute")
+    assert large > small
+    with pytest.raises(ValueError, match="greedy"):
+        budgeted_ranks([fast_small, slow_large], 20, method="dp", gain="relative")
