@@ -197,7 +197,10 @@ def _lorc_widths(layers: list[int], total: int, opts: ConvertOptions, source: So
 def _budgeted_widths(layers: list[int], base: dict[int, int], opts: ConvertOptions, source: SourceModel, stats: dict,
                      limit: int, step: int):
     """budgeted: the widths of least summed activation error (exact for convex curves).  care: CARE's
-    water-filling (eq. 1), each layer between half and twice its uniform width as CARE's code does."""
+    water-filling by eq. 1 as the paper states it, each layer between half and twice its uniform
+    width as CARE's code does (that code also weights early layers up and wide ones down; not
+    reproduced). On near-exponential tails eq. 1 is nearly constant per layer, so it gives layers
+    either bound: on SmolLM2 at 50%, 25 of the 30 widths came out at 96 or 384."""
     from converters.math.rank_allocation import budgeted_ranks
 
     total = sum(base.values())

@@ -206,7 +206,8 @@ class ConvertOptions(CommandOptions):
         method = self.method + (f" ({self.preconditioner}{', centred + bias update' if self.centred else ''})"
                                 if self.method == "activation" else "")
         refined = f", attention-output refinement {self.refine_steps} steps/layer" if self.refine_steps else ""
-        return f"{self.rope_mode} RoPE, {self.svd} SVD, method {method}{refined}, KV ratio {self.target_kv_ratio}"
+        texts = (", calibrated on " + " + ".join(p.name for p in self.calibration_paths())) if self.needs_calibration() else ""
+        return f"{self.rope_mode} RoPE, {self.svd} SVD, method {method}{refined}, KV ratio {self.target_kv_ratio}{texts}"
 
 
 def options_error(e: ValidationError, model: type[CommandOptions] = ConvertOptions) -> str:
