@@ -193,44 +193,51 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         [T, R_H R_D (+ key scales)] -> attention output o [T, H, d_h] float32 (before o_proj)."""
         self.write(latent, tail, kv_cache, slot_mapping)
         o = q_nope.new_zeros(q_nope.shape[0], q_nope.shape[1], self.heads.d_h)
-        keep = self.filter_decisions(kv_cache, meta, q_nope.shape[0]) if self.token_filter else None
+        keep = torch.ones(q_nope.shape[0], dtype=torch.int32, device=o.device) if self.token_filter else None
         on_kernel = set()
         if meta.decode_reqs and self.decode_on_kernel:
             idx = meta.decode_tokens
-            attended = meta.decode_seq_lens if keep is None else meta.decode_seq_lens * keep[idx]
+            attended = meta.decode_seq_lens
+            if keep is not None:
+                keep[idx] = self.decode_decisions(kv_cache, meta)
+                attended = attended * keep[idx]  # 0: the kernels' split loops run no iteration
             o[idx] = self._decode_on_kernel(q_nope[idx], q_rope[idx], kv_cache, meta.decode_block_table, attended)
             on_kernel = set(meta.decode_reqs)
         qsl = meta.query_start_loc
         for r, seq_len in enumerate(meta.seq_lens):
             start, end = qsl[r], qsl[r + 1]
             if end > start and r not in on_kernel:
-                rows = None if keep is None else keep[start:end].nonzero()[:, 0]  # host sync: the torch path only
-                if rows is not None and rows.numel() == 0:
-                    continue
-                o[start:end] = self._attend_request(q_nope[start:end], q_rope[start:end], kv_cache, meta.block_table[r],
-                                                    seq_len, rows)
+                cached = self.read(kv_cache, meta.block_table[r], seq_len)  # read once: decisions and attention
+                rows = None
+                if keep is not None:
+                    keep[start:end] = self._keep_from_rows(cached, end - start)
+                    rows = keep[start:end].nonzero()[:, 0]  # host sync: the torch path only
+                    if rows.numel() == 0:
+                        continue
+                o[start:end] = self._attend_request(q_nope[start:end], q_rope[start:end], cached, rows)
         return o if keep is None else o * keep[:, None, None]
 
-    def filter_decisions(self, kv_cache, meta: "LatentKVMetadata", num_tokens: int) -> torch.Tensor:
-        """Token Filtering: keep [T] (int32 0/1, on the device) for this step's tokens; a pure
+    def decode_decisions(self, kv_cache, meta: "LatentKVMetadata") -> torch.Tensor:
+        """Token Filtering's keep (int32 0/1) of the decode batch's tokens, from one batched gather of
+        each request's last ``1 + context`` cached rows, on the device with no host sync; a pure
         function of the cached rows (``latentkv.token_filter``)."""
-        opts, qsl = self.token_filter, meta.query_start_loc
-        keep = torch.ones(num_tokens, dtype=torch.int32, device=meta.slot_mapping.device)
-        if meta.decode_reqs:  # one batched gather and decision for the one-token requests
-            seq_lens = meta.decode_seq_lens.to(torch.int64)
-            keep[meta.decode_tokens] = self._keep_last(kv_cache, meta.decode_block_table, seq_lens, 1, 1 + opts.context)[:, 0]
-        decode = set(meta.decode_reqs)
-        for r, seq_len in enumerate(meta.seq_lens):
-            start, end = qsl[r], qsl[r + 1]
-            if end > start and r not in decode:
-                n = min(seq_len, end - start + opts.context)
-                lens = torch.tensor([seq_len], dtype=torch.int64, device=keep.device)
-                keep[start:end] = self._keep_last(kv_cache, meta.block_table[r : r + 1], lens, end - start, n)[0]
-        return keep
+        seq_lens = meta.decode_seq_lens.to(torch.int64)
+        lat, rope, key_scale, pos, valid = self.read_window(kv_cache, meta.decode_block_table, seq_lens,
+                                                            1 + self.token_filter.context)
+        return self._decide(lat, rope, key_scale, pos, valid, 1)[:, 0]
 
-    def _keep_last(self, kv_cache, block_table, seq_lens, count: int, n: int) -> torch.Tensor:
-        """Decisions for the last ``count`` tokens of B requests from their last n cached rows -> [B, count] int32."""
-        lat, rope, key_scale, pos, valid = self.read_window(kv_cache, block_table, seq_lens, n)
+    def _keep_from_rows(self, cached, count: int) -> torch.Tensor:
+        """Decisions for the last ``count`` of one request's rows as :meth:`read` returned them -> [count] int32."""
+        lat, rope, key_scale = cached
+        S = lat.shape[0]
+        n = min(S, count + self.token_filter.context)  # the rows the decisions depend on
+        pos = torch.arange(S - n, S, device=lat.device)
+        tail = lambda t: None if t is None else t[S - n :][None]  # noqa: E731
+        return self._decide(tail(lat), tail(rope), tail(key_scale), pos[None], torch.ones_like(pos, dtype=torch.bool)[None],
+                            count)[0]
+
+    def _decide(self, lat, rope, key_scale, pos, valid, count: int) -> torch.Tensor:
+        """[B, n] cached rows (positions, valid) -> keep [B, count] int32 of each request's last count tokens."""
         k, v = attn.token_filter_features(lat, rope, key_scale, pos, self.heads, self.weights, self.token_filter.features)
         return keep_last(k, v, valid, pos, count, self.token_filter, self.layer_idx).to(torch.int32)
 
@@ -294,11 +301,12 @@ class LatentKVAttentionImpl(AttentionImpl[LatentKVMetadata]):
         return lat.float(), rope, key_scale
 
     # -- the PyTorch path: latentkv.attention on one request's rows -------------------------------
-    def _attend_request(self, q_nope, q_rope, kv_cache, block_ids, seq_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """q [L, H, .] of the request's last L of S = seq_len positions -> o [L, H, d_h]; with ``rows``
-        (Token Filtering's kept rows) only those are computed, the others are 0."""
-        lat, rope_k, key_scale = self.read(kv_cache, block_ids, seq_len)
-        L, S = q_nope.shape[0], seq_len
+    def _attend_request(self, q_nope, q_rope, cached, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """q [L, H, .] of the request's last L of its S cached positions (``cached``: :meth:`read`'s
+        rows) -> o [L, H, d_h]; with ``rows`` (Token Filtering's kept rows) only those are computed,
+        the others are 0."""
+        lat, rope_k, key_scale = cached
+        L, S = q_nope.shape[0], lat.shape[0]
         k_pos = torch.arange(S, device=lat.device)
         batch = lambda t: None if t is None else t[None]  # noqa: E731  (the core's leading batch dim)
         cached = (lat[None], rope_k[None], batch(key_scale), k_pos[None])
