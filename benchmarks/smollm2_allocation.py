@@ -35,17 +35,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
-from converters.options import DEFAULT_CALIBRATION_TEXTS
+from converters.options import C4_ONLY_CALIBRATION as C4_ONLY, DEFAULT_CALIBRATION_TEXTS
 from converters.importers.smollm2 import smollm2_hf
 from latentkv.text import calibration_shares, calibration_starts, load_eval_windows, read_documents, tokenize_documents
 
 RESULTS = Path(__file__).resolve().parent / "results"
-C4 = WIKITEXT.parent / "c4_sample.jsonl"  # shipped with latentkv
+C4, WIKI_VALID = DEFAULT_CALIBRATION_TEXTS  # shipped with latentkv
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 PTB = SHARED_TEXT / "ptb.test.txt"
-WIKI_VALID = WIKITEXT.parent / "wiki.valid.raw"  # shipped with latentkv
 CLOSED = dict(rope_mode="full", method="activation", preconditioner="root_covariance", refine_steps=0)
-C4_ONLY = dict(calibration_text=[str(C4)])
 REFINED = {**CLOSED, "refine_steps": 100}
 SEQ = 1024
 

@@ -34,16 +34,16 @@ from pathlib import Path
 
 import torch
 
-from converters.cli import DATA, WIKITEXT
+from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
 from converters.heal import HealOptions, heal
 from converters.importers.smollm2 import smollm2_hf
+from converters.options import C4_ONLY_CALIBRATION as C4_ONLY, DEFAULT_CALIBRATION_TEXTS
 from latentkv.evaluate import load_model, nll_sum
 from latentkv.text import load_eval_windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
-C4 = DATA / "text" / "c4_sample.jsonl"
-C4_ONLY = dict(calibration_text=[str(C4)])  # the converter's default calibration before it mixed in WikiText-2
+C4 = DEFAULT_CALIBRATION_TEXTS[0]
 CURVES = {  # label -> converter options (the default recipe otherwise)
     "full-50": dict(rope_mode="full", kv_ratio=0.5, **C4_ONLY),
     "full-25": dict(rope_mode="full", kv_ratio=0.25, **C4_ONLY),

@@ -42,6 +42,7 @@ import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
 from converters.cli import WIKITEXT
+from converters.options import C4_ONLY_CALIBRATION
 from latentkv.evaluate import nll_sum
 from latentkv.text import load_eval_windows
 
@@ -51,7 +52,7 @@ REFINED = {**ROOT_COV, "refine_steps": 100}
 # --calibration: C4 alone (the tables' protocol, and the converter's default when they were written)
 # or the converter's default now, half C4 and half WikiText-2 validation text.
 CALIBRATIONS = {
-    "c4": (dict(calibration_text=[str(WIKITEXT.parent / "c4_sample.jsonl")]), "the shipped C4 sample, 32 x 256 tokens"),
+    "c4": (C4_ONLY_CALIBRATION, "the shipped C4 sample, 32 x 256 tokens"),
     "default": ({}, "the converter's default, 16 x 256 tokens of the shipped C4 sample and 16 of WikiText-2 validation"),
 }
 

@@ -212,7 +212,7 @@ def _budgeted_widths(layers: list[int], base: dict[int, int], opts: ConvertOptio
         curve = methods.width_error_curve(opts, stats[i], wk, wv, plan.joint)
         curves.append(curve[::step].clone())  # width units of `step` values
     if opts.rank_allocation == "care":
-        uniform = min(base.values()) // step
+        uniform = total // len(layers) // step  # the same cache spread evenly
         units = budgeted_ranks(curves, total // step, 1, min_rank=max(1, uniform // 2), max_rank=2 * uniform,
                                gain="relative")
     else:
