@@ -7,7 +7,8 @@ the values. Calibration is the converter's default size (32 x 256 tokens, random
 one conversion of the same source at a 50% cache:
 
 * closed form: calibration statistics and the root-covariance SVD (``--refine-steps 0``);
-* + refinement: the default recipe (100 Adam steps per layer);
+* + refinement: the default recipe (``ConvertOptions``' defaults: 300 Adam steps per layer on the
+  latent factors and q/o projections, against the source model's stream);
 * + kl allocation: ``--rank-allocation kl`` (closed form), whose cost grows with the depth: each of
   a layer's candidate widths runs the rest of the model and the output head on 8 sequences.
 
@@ -40,10 +41,11 @@ LLAMA_8B = dict(
     rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                       original_max_position_embeddings=8192),
 )
+DEFAULT_RECIPE = "+ refinement (the default recipe)"
 RUNS = {  # label -> options at a 50% cache (method: root covariance, full RoPE: the defaults)
     "fixed cost (every layer kept)": dict(keep_layers=None, refine_steps=0),
     "closed form (statistics + root-covariance SVD)": dict(refine_steps=0),
-    "+ refinement (100 steps, the default recipe)": dict(refine_steps=100),
+    DEFAULT_RECIPE: dict(),
     "closed form + kl allocation": dict(refine_steps=0, rank_allocation="kl"),
 }
 
@@ -51,6 +53,7 @@ RUNS = {  # label -> options at a 50% cache (method: root covariance, full RoPE:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--no-kl", action="store_true", help="leave out the kl allocation row (the slowest)")
     parser.add_argument("--out", type=Path, default=RESULTS / "convert_8b_layer_time.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -61,6 +64,8 @@ def main() -> None:
         src = Path(tmp) / "src"
         write_random_checkpoint(src, shard_layers=1, config=config)
         for label, kw in RUNS.items():
+            if args.no_kl and "rank_allocation" in kw:
+                continue
             if kw.get("keep_layers", ()) is None:
                 kw = {**kw, "keep_layers": list(range(args.layers))}
             t0 = time.perf_counter()
@@ -72,12 +77,12 @@ def main() -> None:
     rows = [f"| {label} | {seconds[label]:.0f} | {s:.1f} |" for label, s in per_layer.items()]
     whole = 2 * config["num_key_value_heads"] * config["head_dim"]  # source cache values per token and layer
     candidates = len(kl_candidates(whole // 2, whole, 1, whole))
-    closed, refined = per_layer["closed form (statistics + root-covariance SVD)"], per_layer["+ refinement (100 steps, the default recipe)"]
-    kl = per_layer["closed form + kl allocation"] - closed
+    closed, refined = per_layer["closed form (statistics + root-covariance SVD)"], per_layer[DEFAULT_RECIPE]
+    steps = ConvertOptions().refine_steps
     text = "\n".join([
         "# Conversion time per Llama-3.1-8B-shaped layer (random bf16 weights)",
         "",
-        f"Written by `benchmarks/convert_8b_layer_time.py --layers {args.layers}` on this machine (2 CPU cores). "
+        f"Written by `benchmarks/convert_8b_layer_time.py --layers {args.layers}{' --no-kl' if args.no_kl else ''}` on this machine (2 CPU cores). "
         "Hidden 4096, 32 query / 8 KV heads of 128, SwiGLU 14336, vocabulary 128256; full RoPE, 50% cache, "
         f"calibration 32 x 256 tokens. Fixed cost of a conversion (every layer kept): {fixed:.0f} s.",
         "",
@@ -86,14 +91,16 @@ def main() -> None:
         *rows,
         "",
         f"Per layer on 2 CPU cores: closed form {closed:.0f} s, refinement {refined - closed:.0f} s more "
-        f"({(refined - closed) / 100:.2f} s per Adam step), so the default recipe on 32 layers: about "
+        f"({(refined - closed) / steps:.2f} s per Adam step of {steps}), so the default recipe on 32 layers: about "
         f"{32 * refined / 60:.0f} min; on a GPU (`--refine-device cuda`) the refinement is a few seconds per layer. "
         "On random weights the refinement finds little to improve (the log's attention output error): only its time "
         "means anything here.",
-        f"The kl allocation measured {candidates} candidate widths per layer here at {kl:.0f} s per layer "
-        f"of {args.layers}; each candidate runs the layers after it and the output head, so on 32 layers its cost grows "
-        "about 16-fold per layer (quadratic in depth): a GPU job for an 8B model.",
     ])
+    if "closed form + kl allocation" in per_layer:
+        text += (f"\nThe kl allocation measured {candidates} candidate widths per layer here at "
+                 f"{per_layer['closed form + kl allocation'] - closed:.0f} s per layer of {args.layers}; each candidate runs "
+                 "the layers after it and the output head, so on 32 layers its cost grows about 16-fold per layer "
+                 "(quadratic in depth): a GPU job for an 8B model.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     print(text)

@@ -8,7 +8,7 @@ for each, the perplexity as a ratio to the source's and the mean next-token KL t
 
 Rows (full RoPE, root covariance, 50% cache), calibrated on the shipped C4 sample unless named:
 * uniform / kl / care, closed form (``--refine-steps 0``): the widths come from the allocation;
-* uniform / kl / care, refined (the default 100 steps): the kl and care rows reuse the closed-form
+* uniform / kl / care, refined (100 steps on the latent factors, the source layer's output: the default then): the kl and care rows reuse the closed-form
   rows' widths through ``--ranks`` and ``--keep-layers``, which is what the allocation with
   refinement converts (it allocates on the closed form) without paying the kl pass twice;
 * uniform, closed form and refined, calibrated on WikiText-2 validation text instead, and on the
@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
-from converters.options import C4_ONLY_CALIBRATION as C4_ONLY, DEFAULT_CALIBRATION_TEXTS
+from converters.options import C4_ONLY_CALIBRATION as C4_ONLY, DEFAULT_CALIBRATION_TEXTS, LAYER_TARGET_REFINEMENT
 from converters.importers.smollm2 import smollm2_hf
 from latentkv.text import calibration_shares, calibration_starts, load_eval_windows, read_documents, tokenize_documents
 
@@ -44,7 +44,7 @@ C4, WIKI_VALID = DEFAULT_CALIBRATION_TEXTS  # shipped with latentkv
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
 PTB = SHARED_TEXT / "ptb.test.txt"
 CLOSED = dict(rope_mode="full", method="activation", preconditioner="root_covariance", refine_steps=0)
-REFINED = {**CLOSED, "refine_steps": 100}
+REFINED = {**CLOSED, **LAYER_TARGET_REFINEMENT}  # the default refinement when the table was written
 SEQ = 1024
 
 

@@ -42,13 +42,16 @@ import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
 from converters.cli import WIKITEXT
-from converters.options import C4_ONLY_CALIBRATION
+from converters.options import C4_ONLY_CALIBRATION, LAYER_TARGET_REFINEMENT
 from latentkv.evaluate import nll_sum
 from latentkv.text import load_eval_windows
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "ptb.test.txt"  # the team's shared data
 ROOT_COV = dict(method="activation", preconditioner="root_covariance", refine_steps=0)
-REFINED = {**ROOT_COV, "refine_steps": 100}
+REFINED = {**ROOT_COV, **LAYER_TARGET_REFINEMENT}  # 100 steps, the latent factors, the source layer's output
+REFINED_300 = {**REFINED, "refine_steps": 300}
+MODEL_QO = {**REFINED_300, "refine_target": "model", "refine_params": "attention"}  # the default recipe now
 # --calibration: C4 alone (the tables' protocol, and the converter's default when they were written)
 # or the converter's default now, half C4 and half WikiText-2 validation text.
 CALIBRATIONS = {
@@ -58,7 +61,8 @@ CALIBRATIONS = {
 
 # label -> (converter options without the ratio, KV ratios scored). Full RoPE caches the latent
 # only; shared RoPE with 32 components caches DeepSeek's 64 rope values beside it; partial keeps 4
-# pairs per KV head (MHA2MLA's 2-norm choice). Refinement: 100 Adam steps per layer.
+# pairs per KV head (MHA2MLA's 2-norm choice). `refined`: the refinement as it was
+# before the model target (100 Adam steps on the latent factors); `-model-300-qo`: the default recipe now.
 BOTH, HALF = (0.5, 0.25), (0.5,)
 ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-svd": (dict(rope_mode="full", method="svd", refine_steps=0), BOTH),
@@ -76,6 +80,13 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-rootcov-refined-kl": (dict(rope_mode="full", **REFINED, rank_allocation="kl"), BOTH),
     "shared32-rootcov-refined-kl": (dict(rope_mode="shared", rope_pairs=32, **REFINED, rank_allocation="kl"), HALF),
     "full-3groups-rootcov-refined-kl": (dict(rope_mode="full", latent_groups=3, **REFINED, rank_allocation="kl"), HALF),
+    # the refinement's target: the source model's own residual stream, fed the converted one (`-model`),
+    # 300 steps (`-300`), q_proj and o_proj free (`-qo`)
+    "full-rootcov-refined-model": (dict(rope_mode="full", **REFINED, refine_target="model"), BOTH),
+    "full-rootcov-refined-model-300": (dict(rope_mode="full", **REFINED_300, refine_target="model"), BOTH),
+    "full-rootcov-refined-model-300-qo": (dict(rope_mode="full", **MODEL_QO), BOTH),
+    "shared32-rootcov-refined-model-300-qo": (dict(rope_mode="shared", rope_pairs=32, **MODEL_QO), HALF),
+    "full-3groups-rootcov-refined-model-300-qo": (dict(rope_mode="full", latent_groups=3, **MODEL_QO), HALF),
 }
 INT4_ROWS = {"full-rootcov": (False, True)}  # row -> the --hadamard settings scored with an INT4 cache
 INT4_GROUP = 16
@@ -105,16 +116,20 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="*", type=float, help="override every row's ratios")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1024 tokens (0: all)")
     parser.add_argument("--calibration", choices=list(CALIBRATIONS), default="c4")
+    parser.add_argument("--ptb", action="store_true", help="also score PTB test (the same number of windows)")
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_quality.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the converter's progress
     torch.manual_seed(0)
     t_start = time.perf_counter()
     src = smollm2_hf()
-    windows = load_eval_windows(WIKITEXT, AutoTokenizer.from_pretrained(src), 1024, mode="raw",
-                                max_windows=args.windows or None)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    windows = load_eval_windows(WIKITEXT, tokenizer, 1024, mode="raw", max_windows=args.windows or None)
+    ptb_windows = load_eval_windows(PTB, tokenizer, 1024, mode="raw", max_windows=args.windows or None) if args.ptb else None
     source_ppl, source_half, n_tokens = score(src, windows)
-    print(f"source: {source_ppl:.3f} (first half {source_half:.3f}, {n_tokens} tokens)", flush=True)
+    source_ptb = score(src, ptb_windows)[0] if args.ptb else None
+    print(f"source: {source_ppl:.3f} (first half {source_half:.3f}, {n_tokens} tokens); PTB {source_ptb}", flush=True)
+    ptb_cell = lambda model: f" {score(model, ptb_windows)[0] / source_ptb:.3f} |" if args.ptb else ""  # noqa: E731
     lines, picks = [], []
     calibration, calibration_text = CALIBRATIONS[args.calibration]
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,7 +141,8 @@ def main() -> None:
                 convert(src, out, ConvertOptions(kv_ratio=ratio, **calibration, **options), overwrite=True, progress=False)
                 seconds = time.perf_counter() - t0
                 ppl, half, _ = score(out, windows)
-                lines.append(f"| {label} | {ratio:.1%} | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} | {seconds:.0f} |")
+                lines.append(f"| {label} | {ratio:.1%} | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |{ptb_cell(out)} "
+                             f"{seconds:.0f} |")
                 print(lines[-1], flush=True)
                 if options.get("rank_allocation", "uniform") != "uniform":
                     picks.append(f"- {label} at {ratio:.1%}: {allocation(out)}")
@@ -137,26 +153,31 @@ def main() -> None:
                                 progress=False)
                     ppl, half, _ = score(out, windows, INT4_GROUP)
                     name = f"{label} + INT4 cache (g{INT4_GROUP}){' + Hadamard' if hadamard else ''}"
-                    lines.append(f"| {name} | {ratio:.1%}, INT4 | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} | |")
+                    lines.append(f"| {name} | {ratio:.1%}, INT4 | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |"
+                                 f"{' |' if args.ptb else ''} |")
                     print(lines[-1], flush=True)
     header = [
         "# SmolLM2-135M-Instruct: one-shot perplexity by RoPE mode, method and KV-cache ratio",
         "",
-        f"Written by `benchmarks/smollm2_quality.py --windows {args.windows} --calibration {args.calibration}` in {time.perf_counter() - t_start:.0f} s "
+        f"Written by `benchmarks/smollm2_quality.py --windows {args.windows} --calibration {args.calibration}"
+        f"{' --ptb' if args.ptb else ''}` in {time.perf_counter() - t_start:.0f} s "
         "(2 CPU cores). No fine-tuning.",
         f"WikiText-2 test, raw stream, {len(windows)} windows of 1024 tokens = {n_tokens} tokens scored; "
         f"calibration: {calibration_text}.",
-        f"Source model: **{source_ppl:.3f}** (first half of the windows: {source_half:.3f}).",
+        f"Source model: **{source_ppl:.3f}** (first half of the windows: {source_half:.3f})"
+        + (f"; PTB test, {len(ptb_windows)} windows of 1024 tokens: {source_ptb:.3f}." if args.ptb else "."),
         "Rows: `full` caches only the latent (keys rebuilt and rotated); `shared32` caches 64 rope values (DeepSeek's "
         "layout, vLLM's MLA kernels); `partial4` keeps 4 frequency pairs per KV head (MHA2MLA); `svd` = plain SVD "
         "(MHA2MLA), `rootcov` = root-covariance activation-aware SVD (LatentLLM), `centred` adds the bias update, "
         "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `-qo` frees the "
         "query and output projections in that fit too, `3groups` = one latent per KV head (Palu); `budgeted` spreads "
         "the same cache over the layers by the activation error curves, `kl` by each layer's measured effect on the "
-        "model's output (KL to the source at a few widths, or uncompressed).",
+        "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
+        "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
+        "runs 300 steps, `-qo` as above.",
         "",
-        "| setting | KV cache | perplexity | x source | first half | convert s |",
-        "|---|---|---|---|---|---|",
+        "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
+        "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     footer = ["", "Per-layer widths picked by the allocations (layer 0 first; `keep` = uncompressed):", "", *picks] if picks else []

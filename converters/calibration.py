@@ -6,6 +6,8 @@ For each layer the converter gets the attention input x = RMSNorm(h) and collect
 method needs (:class:`AttentionStats`), converts the layer, then moves the hidden states on
 through either the *original* layer (every layer is calibrated on the source model's
 activations) or the *converted* one (later layers see, and compensate for, earlier errors).
+``--refine-target model`` carries both streams: the refinement feeds a layer the converted one
+and fits it to the source's (:func:`refine_latent_layer`).
 """
 
 from __future__ import annotations
@@ -118,21 +120,32 @@ REFINED_PARAMETERS = {
 
 def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
-                        batch: int, params: str = "latent", seed: int = 0,
-                        device: str = "cpu") -> tuple[dict[str, torch.Tensor], FitReport]:
+                        batch: int, params: str = "latent", seed: int = 0, device: str = "cpu",
+                        reference: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], FitReport]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
     states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU)
-    and the fit's report."""
-    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32)
-    x = rms_norm(hidden, norm_w, source.rms_norm_eps).to(device)  # [N, L, D]
-    positions = torch.arange(x.shape[1], device=device)
-    attend = lambda attn, xb: attn(xb, positions.expand(xb.shape[0], -1), None, None, "expand")  # noqa: E731
+    and the fit's report.
+
+    ``reference``: the source model's own hidden states entering layer i, when ``hidden`` are the
+    converted model's. The target is then the source's residual stream after the attention, less
+    the converted stream: o(h) ~ o_src(h_src) + (h_src - h) (``--refine-target model``).
+    """
+    hidden = hidden.to(device)
+    reference = hidden if reference is None else reference.to(device)
+    norm_w = source.tensor(f"model.layers.{i}.input_layernorm.weight", torch.float32).to(device)
+    positions = torch.arange(hidden.shape[1], device=device)
+
+    def attend(attention, h):  # what the attention adds to the residual stream h
+        x = rms_norm(h, norm_w, source.rms_norm_eps)
+        return attention(x, positions.expand(h.shape[0], -1), None, None, "expand")
+
     src_spec = single_layer_spec(source, fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(source.dims.head_dim)))
     src_tensors = {n.removeprefix(f"model.layers.{i}.self_attn."): source.tensor(n, torch.float32)
                    for n in source.layer_names(i) if ".self_attn." in n}
     teacher = attention_module(source, src_spec, src_tensors, torch.float32).to(device)
     with torch.no_grad():
-        targets = torch.cat([attend(teacher, x[s : s + 8]) for s in range(0, x.shape[0], 8)])
+        targets = torch.cat([attend(teacher, reference[s : s + 8]) for s in range(0, hidden.shape[0], 8)])
+        targets += reference - hidden  # 0 unless fitting to the source model's stream
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():
@@ -140,7 +153,8 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     for p in chosen:
         p.requires_grad_(True)
     with torch.enable_grad():
-        report = fit_to_outputs(lambda xb: attend(student, xb), chosen, x, targets, steps=steps, lr=lr, batch=batch, seed=seed)
+        report = fit_to_outputs(lambda hb: attend(student, hb), chosen, hidden, targets, steps=steps, lr=lr, batch=batch,
+                                seed=seed)
     fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
     return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report
 

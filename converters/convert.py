@@ -110,6 +110,8 @@ def convert(
             if not name.startswith("model.layers."):
                 writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
         hidden = calib.embed(source, tokens) if tokens is not None else None
+        # --refine-target model: the stream --calibration-inputs does not follow, carried beside it
+        other = hidden.clone() if hidden is not None and opts.refine_target == "model" else None
         cached_stats: dict = {}
         if opts.rank_allocation != "uniform":
             widths = allocate_widths(widths, opts, source, hidden, cached_stats,
@@ -117,7 +119,7 @@ def convert(
             log.info("%s rank allocation: latent widths %s", opts.rank_allocation, widths)
         bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
         for i in bar:
-            layer, tensors = convert_layer(i, widths[i], opts, source, hidden, cached_stats.pop(i, None))
+            layer, tensors = convert_layer(i, widths[i], opts, source, hidden, cached_stats.pop(i, None), other)
             layers.append(layer)
             prefix = f"model.layers.{i}."
             for name in source.layer_names(i):
@@ -126,6 +128,8 @@ def convert(
             for name, t in tensors.items():
                 writer.add(prefix + "self_attn." + name, t.to(out_dtype))
             if hidden is not None and i + 1 < dims.num_hidden_layers:
+                if other is not None:
+                    other = _propagate(i, other, layer, tensors, opts, source, converted=opts.calibration_inputs == "original")
                 hidden = _propagate(i, hidden, layer, tensors, opts, source)
         writer.close()
         spec = _spec(source, opts, layers)
@@ -154,14 +158,19 @@ def complete_biases(layer: fmt.LayerSpec, tensors: dict, opts: ConvertOptions, s
     return tensors
 
 
-def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None):
+def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None, other=None):
+    """Layer i converted (closed form, then refined); ``other``: the second calibration stream of
+    ``--refine-target model``."""
     layer, tensors = _convert_attention(i, width, opts, source, hidden, stats)
     tensors = complete_biases(layer, tensors, opts, source)
     if opts.refine_steps > 0 and isinstance(layer, fmt.LatentLayer):
+        student, reference = hidden, None
+        if other is not None:  # the student sees the converted stream, the target comes from the source's
+            student, reference = (other, hidden) if opts.calibration_inputs == "original" else (hidden, other)
         tensors, fit = calib.refine_latent_layer(
-            source, i, hidden, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
+            source, i, student, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
             batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i,
-            device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"), reference=reference)
         log.info("layer %d: attention output error %.4f -> %.4f (%d refinement steps, %.1f s)",
                  i, fit.error_before, fit.error_after, fit.steps, fit.seconds)
     return layer, tensors
@@ -185,9 +194,12 @@ def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceM
     return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims), input_mean=mean)
 
 
-def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel):
-    """Hidden states for layer i+1: through the source layer, or the converted one."""
-    if opts.calibration_inputs == "original":
+def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel, converted: bool | None = None):
+    """Hidden states for layer i+1: through the source layer, or the converted one (by default as
+    --calibration-inputs says)."""
+    if converted is None:
+        converted = opts.calibration_inputs == "converted"
+    if not converted:
         module = calib.source_layer_module(source, i)
     else:
         module = _converted_module(i, layer, tensors, opts, source)

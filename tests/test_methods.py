@@ -176,6 +176,17 @@ def test_refinement_lowers_perplexity_and_leaves_exact_layers_exact(stories, win
     torch.testing.assert_close(load_latent(exact)(IDS).logits, load_hf(stories)(IDS).logits, atol=1e-4, rtol=0)
 
 
+def test_model_target_refinement_beats_the_layer_target(stories, windows, tmp_path):
+    """--refine-target model (the default): each layer is fitted to the source model's own residual
+    stream, fed the converted one, so it also makes up for the layers before it. (Exactness at full
+    rank with the default refinement: the test above.)"""
+    kw = dict(rope_mode="full", rank=16, method="activation", refine_steps=60)  # a 25% cache
+    layer = _ppl(_convert(stories, tmp_path / "layer", refine_target="layer", **kw), windows)
+    model = _ppl(_convert(stories, tmp_path / "model", refine_target="model", **kw), windows)
+    print(f"stories260K full RoPE, 25% cache, refined to the layer's output {layer:.3f}, to the model's stream {model:.3f}")
+    assert model < layer, (layer, model)
+
+
 def test_kl_allocation_meets_the_budget_and_beats_uniform(stories, windows, tmp_path):
     """Widths from each layer's effect on the output: the same cache, a lower perplexity than uniform widths."""
     kw = dict(rope_mode="full", kv_ratio=0.375, method="activation", calibration_samples=8)

@@ -18,6 +18,15 @@ by Adam on mini-batches of calibration sequences with a cosine learning-rate dec
 the layer's attention output after W_o, the quantity the residual stream receives, as in the
 layer-wise reconstruction of GPTQ / llm-compressor's sequential pipeline, but through the softmax.
 Where the closed form is exact (full rank) the gradient is zero and nothing moves.
+
+That objective is symmetric: student and source see the same inputs X. The asymmetric one of
+GPTAQ (GPTQv2, Li et al., ICML 2025), ``--refine-target model``, feeds the student the converted
+model's hidden states h and asks for the source model's own residual stream after the attention,
+
+    E(theta) = sum ||o_theta(h) - [o_src(h_src) + (h_src - h)]||^2 / sum ||o_src(h_src) + (h_src - h)||^2,
+
+so each layer also cancels what the layers before it left in the stream. This file sees only
+``predict`` and fixed ``targets``; ``converters.calibration.refine_latent_layer`` builds them.
 """
 
 from __future__ import annotations
