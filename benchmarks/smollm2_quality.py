@@ -50,8 +50,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "ptb.test.txt"  # the team's shared data
 ROOT_COV = dict(method="activation", preconditioner="root_covariance", refine_steps=0)
 REFINED = {**ROOT_COV, **LAYER_TARGET_REFINEMENT}  # 100 steps, the latent factors, the source layer's output
-REFINED_300 = {**REFINED, "refine_steps": 300}
-MODEL_QO = {**REFINED_300, "refine_target": "model", "refine_params": "attention"}  # the default recipe now
+REFINED_QO = {**REFINED, "refine_params": "attention"}
+MODEL = {**REFINED, "refine_target": "model"}
+MODEL_300 = {**MODEL, "refine_steps": 300}
+MODEL_QO = {**MODEL_300, "refine_params": "attention"}  # the default recipe now
 # --calibration: C4 alone (the tables' protocol, and the converter's default when they were written)
 # or the converter's default now, half C4 and half WikiText-2 validation text.
 CALIBRATIONS = {
@@ -72,8 +74,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "shared32-rootcov-refined": (dict(rope_mode="shared", rope_pairs=32, **REFINED), HALF),
     "partial4-rootcov": (dict(rope_mode="partial", rope_strategy="2norm", rope_pairs=4, **ROOT_COV), HALF),
     # levers of the one-shot refinement: q_proj and o_proj free as well; one latent per KV head (Palu)
-    "full-rootcov-refined-qo": (dict(rope_mode="full", **REFINED, refine_params="attention"), HALF),
-    "shared32-rootcov-refined-qo": (dict(rope_mode="shared", rope_pairs=32, **REFINED, refine_params="attention"), HALF),
+    "full-rootcov-refined-qo": (dict(rope_mode="full", **REFINED_QO), HALF),
+    "shared32-rootcov-refined-qo": (dict(rope_mode="shared", rope_pairs=32, **REFINED_QO), HALF),
     "full-3groups-rootcov-refined": (dict(rope_mode="full", latent_groups=3, **REFINED), HALF),
     # where the budget goes: per-layer widths from the activation error curves, or from the output KL
     "full-rootcov-refined-budgeted": (dict(rope_mode="full", **REFINED, rank_allocation="budgeted"), HALF),
@@ -82,8 +84,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-3groups-rootcov-refined-kl": (dict(rope_mode="full", latent_groups=3, **REFINED, rank_allocation="kl"), HALF),
     # the refinement's target: the source model's own residual stream, fed the converted one (`-model`),
     # 300 steps (`-300`), q_proj and o_proj free (`-qo`)
-    "full-rootcov-refined-model": (dict(rope_mode="full", **REFINED, refine_target="model"), BOTH),
-    "full-rootcov-refined-model-300": (dict(rope_mode="full", **REFINED_300, refine_target="model"), BOTH),
+    "full-rootcov-refined-model": (dict(rope_mode="full", **MODEL), BOTH),
+    "full-rootcov-refined-model-300": (dict(rope_mode="full", **MODEL_300), BOTH),
     "full-rootcov-refined-model-300-qo": (dict(rope_mode="full", **MODEL_QO), BOTH),
     "shared32-rootcov-refined-model-300-qo": (dict(rope_mode="shared", rope_pairs=32, **MODEL_QO), HALF),
     "full-3groups-rootcov-refined-model-300-qo": (dict(rope_mode="full", latent_groups=3, **MODEL_QO), HALF),
