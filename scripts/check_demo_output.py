@@ -6,8 +6,8 @@ answer is right and came through the latent cache unchanged.
 Bands (SmolLM2-135M-Instruct, WikiText-2 test, the demo's first 4 windows of 1024 tokens, the
 default conversion at a 50% cache): the source's perplexity is what transformers computes for
 the same windows within 2% (a dequantisation or import bug moves it far more); the converted
-model stays within 1.5x of it (measured: 1.100 with the default calibration mix;
-benchmarks/results/smollm2_quality_default_calibration.md has the stable numbers).
+model stays within 1.5x of it (measured: 1.082 with the default recipe;
+benchmarks/results/smollm2_quality_model_target.md has the stable numbers).
 """
 
 from __future__ import annotations
