@@ -89,6 +89,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-rootcov-refined-model-300-qo": (dict(rope_mode="full", **MODEL_QO), BOTH),
     "shared32-rootcov-refined-model-300-qo": (dict(rope_mode="shared", rope_pairs=32, **MODEL_QO), HALF),
     "full-3groups-rootcov-refined-model-300-qo": (dict(rope_mode="full", latent_groups=3, **MODEL_QO), HALF),
+    "full-3groups-rootcov-refined-model-600-qo": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, "refine_steps": 600}),
+                                                  HALF),
 }
 INT4_ROWS = {"full-rootcov": (False, True)}  # row -> the --hadamard settings scored with an INT4 cache
 INT4_GROUP = 16
