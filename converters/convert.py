@@ -109,9 +109,8 @@ def convert(
                 continue  # tied to the embedding, as the config says
             if not name.startswith("model.layers."):
                 writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
-        hidden = calib.embed(source, tokens) if tokens is not None else None
-        # --refine-target model: the stream --calibration-inputs does not follow, carried beside it
-        other = hidden.clone() if hidden is not None and opts.refine_target == "model" else None
+        streams = calibration_streams(opts, calib.embed(source, tokens) if tokens is not None else None)
+        hidden = streams.get(opts.calibration_inputs)  # what the closed forms and the allocation read
         cached_stats: dict = {}
         if opts.rank_allocation != "uniform":
             widths = allocate_widths(widths, opts, source, hidden, cached_stats,
@@ -119,7 +118,7 @@ def convert(
             log.info("%s rank allocation: latent widths %s", opts.rank_allocation, widths)
         bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
         for i in bar:
-            layer, tensors = convert_layer(i, widths[i], opts, source, hidden, cached_stats.pop(i, None), other)
+            layer, tensors = convert_layer(i, widths[i], opts, source, streams, cached_stats.pop(i, None))
             layers.append(layer)
             prefix = f"model.layers.{i}."
             for name in source.layer_names(i):
@@ -127,10 +126,9 @@ def convert(
                     writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
             for name, t in tensors.items():
                 writer.add(prefix + "self_attn." + name, t.to(out_dtype))
-            if hidden is not None and i + 1 < dims.num_hidden_layers:
-                if other is not None:
-                    other = _propagate(i, other, layer, tensors, opts, source, converted=opts.calibration_inputs == "original")
-                hidden = _propagate(i, hidden, layer, tensors, opts, source)
+            if i + 1 < dims.num_hidden_layers:
+                streams = {kind: _propagate(i, h, layer, tensors, opts, source, converted=kind == "converted")
+                           for kind, h in streams.items()}
         writer.close()
         spec = _spec(source, opts, layers)
         _write_config(tmp, source, spec, out_dtype)
@@ -158,15 +156,27 @@ def complete_biases(layer: fmt.LayerSpec, tensors: dict, opts: ConvertOptions, s
     return tensors
 
 
-def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, hidden, stats=None, other=None):
-    """Layer i converted (closed form, then refined); ``other``: the second calibration stream of
-    ``--refine-target model``."""
+def calibration_streams(opts: ConvertOptions, embedded: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The calibration hidden states to carry through the layers, by the model that produces them:
+    "original" (the source's layers) or "converted". The closed forms read the one
+    --calibration-inputs names; --refine-target model needs both (the student is fed the converted
+    stream, its target comes from the original)."""
+    if embedded is None:
+        return {}
+    kinds = {opts.calibration_inputs}
+    if opts.refine_steps > 0 and opts.refine_target == "model":
+        kinds |= {"original", "converted"}
+    return dict.fromkeys(sorted(kinds), embedded)  # equal at the embeddings; each layer makes new tensors
+
+
+def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, streams: dict, stats=None):
+    """Layer i converted (closed form, then refined), from the calibration ``streams`` entering it."""
+    hidden = streams.get(opts.calibration_inputs)
     layer, tensors = _convert_attention(i, width, opts, source, hidden, stats)
     tensors = complete_biases(layer, tensors, opts, source)
     if opts.refine_steps > 0 and isinstance(layer, fmt.LatentLayer):
-        student, reference = hidden, None
-        if other is not None:  # the student sees the converted stream, the target comes from the source's
-            student, reference = (other, hidden) if opts.calibration_inputs == "original" else (hidden, other)
+        student, reference = ((streams["converted"], streams["original"]) if opts.refine_target == "model"
+                              else (hidden, None))
         tensors, fit = calib.refine_latent_layer(
             source, i, student, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
             batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i,
@@ -194,15 +204,9 @@ def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceM
     return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims), input_mean=mean)
 
 
-def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel, converted: bool | None = None):
-    """Hidden states for layer i+1: through the source layer, or the converted one (by default as
-    --calibration-inputs says)."""
-    if converted is None:
-        converted = opts.calibration_inputs == "converted"
-    if not converted:
-        module = calib.source_layer_module(source, i)
-    else:
-        module = _converted_module(i, layer, tensors, opts, source)
+def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel, *, converted: bool):
+    """Hidden states for layer i+1: through the converted layer i, or the source's."""
+    module = _converted_module(i, layer, tensors, opts, source) if converted else calib.source_layer_module(source, i)
     return calib.run_layer(module, hidden)
 
 
