@@ -38,11 +38,10 @@ from converters.convert import ConvertOptions, convert
 from converters.options import C4_ONLY_CALIBRATION as C4_ONLY, DEFAULT_CALIBRATION_TEXTS, LAYER_TARGET_REFINEMENT
 from converters.importers.smollm2 import smollm2_hf
 from latentkv.text import calibration_shares, calibration_starts, load_eval_windows, read_documents, tokenize_documents
+from smollm2_quality import PTB  # the sibling script (benchmarks/ is on the path when run)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 C4, WIKI_VALID = DEFAULT_CALIBRATION_TEXTS  # shipped with latentkv
-SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
-PTB = SHARED_TEXT / "ptb.test.txt"
 CLOSED = dict(rope_mode="full", method="activation", preconditioner="root_covariance", refine_steps=0)
 REFINED = {**CLOSED, **LAYER_TARGET_REFINEMENT}  # the default refinement when the table was written
 SEQ = 1024

@@ -3,9 +3,9 @@
 ``latentkv/token_filter.py`` is a reconstruction of a paper public only as an abstract; this
 measures what it does on a real model, in one run, side by side:
 
-* models: the source (every layer kept, in our reference model), and the converter's default
-  recipe at a 50% cache with full RoPE and with shared RoPE (32 components, DeepSeek's layout):
-  Token Filtering on top of the latent cache;
+* models: the source (every layer kept, in our reference model), and the converter's recipe of
+  when the table was written (``RECIPE``) at a 50% cache with full RoPE and with shared RoPE (32
+  components, DeepSeek's layout): Token Filtering on top of the latent cache;
 * skipping: Token Filtering (KV similarity, inverse-variance fusion), the key-only baseline
   (cosine of the key to its running-average anchor, KeyDiff-style) and random skipping, each at
   25% and 50% of the tokens of the filtered layers (the later half by default), after the warm-up;
@@ -42,15 +42,19 @@ import latentkv.modeling  # noqa: F401  (registers the latentkv model type)
 from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
+from converters.options import C4_ONLY_CALIBRATION, LAYER_TARGET_REFINEMENT
 from latentkv.evaluate import load_model
 from latentkv.text import load_eval_windows
 from latentkv.token_filter import TokenFilterOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = {  # label -> converter options (the converter's default recipe otherwise)
+# The converted models' recipe when the table was written (C4 calibration, the refinement to each
+# source layer's output), so that a rerun reproduces it; drop RECIPE to measure today's default.
+RECIPE = {**C4_ONLY_CALIBRATION, **LAYER_TARGET_REFINEMENT}
+MODELS = {  # label -> converter options
     "source": dict(keep_layers=list(range(30)), method="svd", refine_steps=0),
-    "full-50": dict(rope_mode="full", kv_ratio=0.5),
-    "shared32-50": dict(rope_mode="shared", rope_pairs=32, kv_ratio=0.5),
+    "full-50": dict(rope_mode="full", kv_ratio=0.5, **RECIPE),
+    "shared32-50": dict(rope_mode="shared", rope_pairs=32, kv_ratio=0.5, **RECIPE),
 }
 PROMPTS = [
     "What is the capital of France?",
