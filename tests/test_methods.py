@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from converters.convert import ConversionError, ConvertOptions, convert
+from converters.convert import ConversionError, ConvertOptions, calibration_streams, convert
 from converters.cli import DATA
 from tests.helpers import PLAIN_SVD, load_hf, load_latent
 
@@ -185,6 +185,18 @@ def test_model_target_refinement_beats_the_layer_target(stories, windows, tmp_pa
     model = _ppl(_convert(stories, tmp_path / "model", refine_target="model", **kw), windows)
     print(f"stories260K full RoPE, 25% cache, refined to the layer's output {layer:.3f}, to the model's stream {model:.3f}")
     assert model < layer, (layer, model)
+
+
+def test_calibration_streams_are_those_the_recipe_reads():
+    """The converted model's stream is carried beside the source's only when something reads it: the
+    model-target refinement (the student's input) or --calibration-inputs converted."""
+    h = torch.zeros(2, 4, 8)
+    streams = lambda **kw: set(calibration_streams(ConvertOptions(**kw), h))  # noqa: E731
+    assert streams() == {"original", "converted"}  # the default refinement targets the source model's stream
+    assert streams(refine_target="layer") == {"original"}
+    assert streams(refine_steps=0) == {"original"}
+    assert streams(calibration_inputs="converted", refine_target="layer") == {"converted"}
+    assert calibration_streams(ConvertOptions(), None) == {}
 
 
 def test_kl_allocation_meets_the_budget_and_beats_uniform(stories, windows, tmp_path):
