@@ -66,6 +66,13 @@ CALIBRATIONS = {
 # pairs per KV head (MHA2MLA's 2-norm choice). `refined`: the refinement as it was
 # before the model target (100 Adam steps on the latent factors); `-model-300-qo`: the default recipe now.
 BOTH, HALF = (0.5, 0.25), (0.5,)
+GROUPED_LEVERS = {
+    "300-qo-kl": dict(rank_allocation="kl"),
+    "300-qo-64seq": dict(calibration_samples=64),
+    "300-qo-lr3e-3": dict(refine_lr=3e-3),
+    "600-qo-64seq-lr3e-3": dict(calibration_samples=64, refine_lr=3e-3, refine_steps=600),
+    "900-qo-64seq-lr3e-3": dict(calibration_samples=64, refine_lr=3e-3, refine_steps=900),
+}
 ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-svd": (dict(rope_mode="full", method="svd", refine_steps=0), BOTH),
     "full-rootcov": (dict(rope_mode="full", **ROOT_COV), BOTH),
@@ -91,6 +98,10 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-3groups-rootcov-refined-model-300-qo": (dict(rope_mode="full", latent_groups=3, **MODEL_QO), HALF),
     "full-3groups-rootcov-refined-model-600-qo": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, "refine_steps": 600}),
                                                   HALF),
+    # one latent per KV head, each lever alone on the default recipe, then those that helped together:
+    # widths by the output KL (`-kl`), 64 calibration sequences (`-64seq`), Adam at 3e-3 (`-lr3e-3`), 600 steps
+    **{f"full-3groups-rootcov-refined-model-{suffix}": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, **levers}), HALF)
+       for suffix, levers in GROUPED_LEVERS.items()},
 }
 INT4_ROWS = {"full-rootcov": (False, True)}  # row -> the --hadamard settings scored with an INT4 cache
 INT4_GROUP = 16
@@ -112,6 +123,16 @@ def allocation(model_dir: Path) -> str:
     """The per-layer cache picked by a rank allocation: latent widths, ``keep`` for uncompressed layers."""
     layers = AutoConfig.from_pretrained(model_dir).latent_kv["layers"]
     return ", ".join(str(layer["latent"]["v_rank"]) if layer["kind"] == "latent" else "keep" for layer in layers)
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The flags that rerun this table (rows and ratios only when they are not all of them)."""
+    flags = [f"--windows {args.windows}", f"--calibration {args.calibration}"] + (["--ptb"] if args.ptb else [])
+    if args.rows != list(ROWS):
+        flags.append("--rows " + " ".join(args.rows))
+    if args.ratios:
+        flags.append("--ratios " + " ".join(f"{r:g}" for r in args.ratios))
+    return " ".join(flags)
 
 
 def main() -> None:
@@ -136,6 +157,38 @@ def main() -> None:
     ptb_cell = lambda model: f" {score(model, ptb_windows)[0] / source_ptb:.3f} |" if args.ptb else ""  # noqa: E731
     lines, picks = [], []
     calibration, calibration_text = CALIBRATIONS[args.calibration]
+
+    def write(done: bool) -> None:
+        """The table as it stands; rewritten after every row, so a stopped run keeps the rows it scored."""
+        header = [
+            "# SmolLM2-135M-Instruct: one-shot perplexity by RoPE mode, method and KV-cache ratio",
+            "",
+            f"Written by `benchmarks/smollm2_quality.py {command_line(args)}` in {time.perf_counter() - t_start:.0f} s "
+            "(2 CPU cores). No fine-tuning." + ("" if done else " **Unfinished: the rows scored so far.**"),
+            f"WikiText-2 test, raw stream, {len(windows)} windows of 1024 tokens = {n_tokens} tokens scored; "
+            f"calibration: {calibration_text}.",
+            f"Source model: **{source_ppl:.3f}** (first half of the windows: {source_half:.3f})"
+            + (f"; PTB test, {len(ptb_windows)} windows of 1024 tokens: {source_ptb:.3f}." if args.ptb else "."),
+            "Rows: `full` caches only the latent (keys rebuilt and rotated); `shared32` caches 64 rope values (DeepSeek's "
+            "layout, vLLM's MLA kernels); `partial4` keeps 4 frequency pairs per KV head (MHA2MLA); `svd` = plain SVD "
+            "(MHA2MLA), `rootcov` = root-covariance activation-aware SVD (LatentLLM), `centred` adds the bias update, "
+            "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `-qo` frees the "
+            "query and output projections in that fit too, `3groups` = one latent per KV head (Palu); `budgeted` spreads "
+            "the same cache over the layers by the activation error curves, `kl` by each layer's measured effect on the "
+            "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
+            "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
+            "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32, "
+            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3.",
+            "",
+            "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
+            "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",
+        ]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        footer = ["", "Per-layer widths picked by the allocations (layer 0 first; `keep` = uncompressed):", "", *picks] if picks else []
+        args.out.write_text("\n".join(header + lines + footer) + "\n")
+        if done:
+            print(f"wrote {args.out}")
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "latent"
         for label in args.rows:
@@ -160,33 +213,8 @@ def main() -> None:
                     lines.append(f"| {name} | {ratio:.1%}, INT4 | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |"
                                  f"{' |' if args.ptb else ''} |")
                     print(lines[-1], flush=True)
-    header = [
-        "# SmolLM2-135M-Instruct: one-shot perplexity by RoPE mode, method and KV-cache ratio",
-        "",
-        f"Written by `benchmarks/smollm2_quality.py --windows {args.windows} --calibration {args.calibration}"
-        f"{' --ptb' if args.ptb else ''}` in {time.perf_counter() - t_start:.0f} s "
-        "(2 CPU cores). No fine-tuning.",
-        f"WikiText-2 test, raw stream, {len(windows)} windows of 1024 tokens = {n_tokens} tokens scored; "
-        f"calibration: {calibration_text}.",
-        f"Source model: **{source_ppl:.3f}** (first half of the windows: {source_half:.3f})"
-        + (f"; PTB test, {len(ptb_windows)} windows of 1024 tokens: {source_ptb:.3f}." if args.ptb else "."),
-        "Rows: `full` caches only the latent (keys rebuilt and rotated); `shared32` caches 64 rope values (DeepSeek's "
-        "layout, vLLM's MLA kernels); `partial4` keeps 4 frequency pairs per KV head (MHA2MLA); `svd` = plain SVD "
-        "(MHA2MLA), `rootcov` = root-covariance activation-aware SVD (LatentLLM), `centred` adds the bias update, "
-        "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `-qo` frees the "
-        "query and output projections in that fit too, `3groups` = one latent per KV head (Palu); `budgeted` spreads "
-        "the same cache over the layers by the activation error curves, `kl` by each layer's measured effect on the "
-        "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
-        "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
-        "runs 300 steps, `-qo` as above.",
-        "",
-        "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
-        "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",
-    ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    footer = ["", "Per-layer widths picked by the allocations (layer 0 first; `keep` = uncompressed):", "", *picks] if picks else []
-    args.out.write_text("\n".join(header + lines + footer) + "\n")
-    print(f"wrote {args.out}")
+                write(done=False)
+    write(done=True)
 
 
 if __name__ == "__main__":
