@@ -66,6 +66,9 @@ CALIBRATIONS = {
 # pairs per KV head (MHA2MLA's 2-norm choice). `refined`: the refinement as it was
 # before the model target (100 Adam steps on the latent factors); `-model-300-qo`: the default recipe now.
 BOTH, HALF = (0.5, 0.25), (0.5,)
+# One latent per KV head: each lever alone on the default recipe, then those that helped together
+# (results/smollm2_quality_grouped_levers.md, ..._grouped_900.md): widths by the output KL, 64
+# calibration sequences, Adam at 3e-3, 600 or 900 steps.
 GROUPED_LEVERS = {
     "300-qo-kl": dict(rank_allocation="kl"),
     "300-qo-64seq": dict(calibration_samples=64),
@@ -98,8 +101,7 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-3groups-rootcov-refined-model-300-qo": (dict(rope_mode="full", latent_groups=3, **MODEL_QO), HALF),
     "full-3groups-rootcov-refined-model-600-qo": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, "refine_steps": 600}),
                                                   HALF),
-    # one latent per KV head, each lever alone on the default recipe, then those that helped together:
-    # widths by the output KL (`-kl`), 64 calibration sequences (`-64seq`), Adam at 3e-3 (`-lr3e-3`), 600 steps
+    # one latent per KV head: each lever of GROUPED_LEVERS on the default recipe
     **{f"full-3groups-rootcov-refined-model-{suffix}": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, **levers}), HALF)
        for suffix, levers in GROUPED_LEVERS.items()},
 }
