@@ -67,9 +67,10 @@ CALIBRATIONS = {
 # before the model target (100 Adam steps on the latent factors); `-model-300-qo`: the default recipe now.
 BOTH, HALF = (0.5, 0.25), (0.5,)
 # One latent per KV head: each lever alone on the default recipe, then those that helped together
-# (results/smollm2_quality_grouped_levers.md, ..._grouped_900.md): widths by the output KL, 64
-# calibration sequences, Adam at 3e-3, 600 or 900 steps.
+# (results/smollm2_quality_grouped_600.md, ..._grouped_levers.md, ..._grouped_900.md): 600 steps,
+# widths by the output KL, 64 calibration sequences, Adam at 3e-3.
 GROUPED_LEVERS = {
+    "600-qo": dict(refine_steps=600),
     "300-qo-kl": dict(rank_allocation="kl"),
     "300-qo-64seq": dict(calibration_samples=64),
     "300-qo-lr3e-3": dict(refine_lr=3e-3),
@@ -99,8 +100,6 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-rootcov-refined-model-300-qo": (dict(rope_mode="full", **MODEL_QO), BOTH),
     "shared32-rootcov-refined-model-300-qo": (dict(rope_mode="shared", rope_pairs=32, **MODEL_QO), HALF),
     "full-3groups-rootcov-refined-model-300-qo": (dict(rope_mode="full", latent_groups=3, **MODEL_QO), HALF),
-    "full-3groups-rootcov-refined-model-600-qo": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, "refine_steps": 600}),
-                                                  HALF),
     # one latent per KV head: each lever of GROUPED_LEVERS on the default recipe
     **{f"full-3groups-rootcov-refined-model-{suffix}": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, **levers}), HALF)
        for suffix, levers in GROUPED_LEVERS.items()},
