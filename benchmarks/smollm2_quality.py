@@ -21,6 +21,12 @@ Protocol (the papers' WikiText-2 perplexity):
 
     python benchmarks/smollm2_quality.py                 # -> results/smollm2_quality.md (~1 h on 2 cores)
     python benchmarks/smollm2_quality.py --rows full-rootcov --ratios 0.5 --windows 4   # one quick cell
+    python benchmarks/smollm2_quality.py --rows matrix --calibration default --ptb --resume \
+        --out benchmarks/results/smollm2_quality_matrix.md    # methods x levers x caches x RoPE modes (~4 h)
+
+A run writes its table after every row and keeps the rows beside it (``.json``); ``--resume`` picks
+a stopped run up where it stopped (conversions and scores are deterministic, so a kept row is the
+row this run would measure).
 
 On a GPU the same script runs as it is (the reference model follows the default device); pass
 ``--windows 0`` to score the whole test set (about 290 windows).
@@ -29,8 +35,10 @@ On a GPU the same script runs as it is (the reference model follows the default 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +112,21 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     **{f"full-3groups-rootcov-refined-model-{suffix}": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, **levers}), HALF)
        for suffix, levers in GROUPED_LEVERS.items()},
 }
+# The issue's one table: plain SVD (MHA2MLA), root covariance (LatentLLM / CARE), CARE's greedy widths, then the
+# levers on root covariance: widths by the output KL, the refinement (the default recipe), both; at three caches
+# in both RoPE layouts vLLM serves. `--rows matrix` runs it, full RoPE first (a stopped run can `--resume`).
+MATRIX_METHODS = {
+    "svd": dict(method="svd", refine_steps=0),
+    "rootcov": ROOT_COV,
+    "rootcov-care": {**ROOT_COV, "rank_allocation": "care"},
+    "rootcov-kl": {**ROOT_COV, "rank_allocation": "kl"},
+    "rootcov-refined-model-300-qo": MODEL_QO,
+    "rootcov-refined-model-300-qo-kl": {**MODEL_QO, "rank_allocation": "kl"},
+}
+MATRIX_MODES = {"full": dict(rope_mode="full"), "shared32": dict(rope_mode="shared", rope_pairs=32)}
+MATRIX = {f"{mode}-{method}": ({**mode_options, **options}, (0.5, 0.375, 0.25))
+          for mode, mode_options in MATRIX_MODES.items() for method, options in MATRIX_METHODS.items()}
+ROWS.update(MATRIX)  # the rows they share with the table above gain the 37.5% cache
 INT4_ROWS = {"full-rootcov": (False, True)}  # row -> the --hadamard settings scored with an INT4 cache
 INT4_GROUP = 16
 
@@ -126,10 +149,38 @@ def allocation(model_dir: Path) -> str:
     return ", ".join(str(layer["latent"]["v_rank"]) if layer["kind"] == "latent" else "keep" for layer in layers)
 
 
+def code_version() -> str:
+    """The commit the rows are measured at, ``+changes`` when the checkout differs from it."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        commit = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if changed.strip() else "")
+
+
+def stored_rows(path: Path, source: dict) -> dict[str, dict]:
+    """Rows an earlier, stopped run of this table scored (``--resume``): row key -> record.
+
+    Conversions and scores are deterministic, so a row measured earlier with the same options on the
+    same windows is the row this run would measure; its convert time is from its own sitting.
+    """
+    if not path.exists():
+        return {}
+    stored = json.loads(path.read_text())
+    if stored["source"] != source:
+        raise SystemExit(f"{path} was scored against a source of {stored['source']}, this run's is {source}: other "
+                         "windows or another model. Drop --resume, or delete that file, to start the table afresh.")
+    return {record["key"]: record for record in stored["rows"]}
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The flags that rerun this table (rows and ratios only when they are not all of them)."""
     flags = [f"--windows {args.windows}", f"--calibration {args.calibration}"] + (["--ptb"] if args.ptb else [])
-    if args.rows != list(ROWS):
+    if args.rows == list(MATRIX):
+        flags.append("--rows matrix")
+    elif args.rows != list(ROWS):
         flags.append("--rows " + " ".join(args.rows))
     if args.ratios:
         flags.append("--ratios " + " ".join(f"{r:g}" for r in args.ratios))
@@ -138,13 +189,18 @@ def command_line(args: argparse.Namespace) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="*", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--rows", nargs="*", choices=list(ROWS) + ["matrix"], default=list(ROWS),
+                        help="rows to run; `matrix`: the methods x levers x caches x RoPE modes table (MATRIX)")
     parser.add_argument("--ratios", nargs="*", type=float, help="override every row's ratios")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows of 1024 tokens (0: all)")
     parser.add_argument("--calibration", choices=list(CALIBRATIONS), default="c4")
     parser.add_argument("--ptb", action="store_true", help="also score PTB test (the same number of windows)")
     parser.add_argument("--out", type=Path, default=RESULTS / "smollm2_quality.md")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows a stopped run of the same table scored (kept beside --out as .json)")
     args = parser.parse_args()
+    if "matrix" in args.rows:
+        args.rows = [label for item in args.rows for label in (MATRIX if item == "matrix" else [item])]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the converter's progress
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -156,8 +212,38 @@ def main() -> None:
     source_ptb = score(src, ptb_windows)[0] if args.ptb else None
     print(f"source: {source_ppl:.3f} (first half {source_half:.3f}, {n_tokens} tokens); PTB {source_ptb}", flush=True)
     ptb_cell = lambda model: f" {score(model, ptb_windows)[0] / source_ptb:.3f} |" if args.ptb else ""  # noqa: E731
-    lines, picks = [], []
     calibration, calibration_text = CALIBRATIONS[args.calibration]
+    source = {"wikitext": round(source_ppl, 3), "ptb": source_ptb and round(source_ptb, 3), "tokens": n_tokens}
+    sidecar = args.out.with_suffix(".json")
+    earlier = stored_rows(sidecar, source) if args.resume else {}
+    records: list[dict] = []  # one per (row, ratio) in table order: its key, table lines, widths, commit
+    version = code_version()
+
+    def measure(out: Path, label: str, options: ConvertOptions) -> dict:
+        """Convert one row and score it: its table lines (INT4 cache variants after it) and its allocation."""
+        t0 = time.perf_counter()
+        convert(src, out, options, overwrite=True, progress=False)
+        seconds = time.perf_counter() - t0
+        ppl, half, _ = score(out, windows)
+        ratio = options.kv_ratio
+        lines = [f"| {label} | {ratio:.1%} | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |{ptb_cell(out)} {seconds:.0f} |"]
+        print(lines[-1], flush=True)
+        picks = [f"- {label} at {ratio:.1%}: {allocation(out)}"] if options.rank_allocation != "uniform" else []
+        if picks:
+            print(picks[0], flush=True)
+        for hadamard in INT4_ROWS.get(label, ()) if ratio == 0.5 else ():
+            if hadamard:
+                convert(src, out, ConvertOptions(**{**options.model_dump(), "hadamard": True}), overwrite=True, progress=False)
+            ppl, half, _ = score(out, windows, INT4_GROUP)
+            name = f"{label} + INT4 cache (g{INT4_GROUP}){' + Hadamard' if hadamard else ''}"
+            lines.append(f"| {name} | {ratio:.1%}, INT4 | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |"
+                         f"{' |' if args.ptb else ''} |")
+            print(lines[-1], flush=True)
+        return dict(lines=lines, picks=picks)
+
+    def carried_over() -> str:
+        kept = sum(r["key"] in earlier for r in records)
+        return f" {kept} of the {len(records)} rows were scored by an earlier, stopped run (`--resume`; their convert s are from it)." if kept else ""
 
     def write(done: bool) -> None:
         """The table as it stands; rewritten after every row, so a stopped run keeps the rows it scored."""
@@ -165,7 +251,8 @@ def main() -> None:
             "# SmolLM2-135M-Instruct: one-shot perplexity by RoPE mode, method and KV-cache ratio",
             "",
             f"Written by `benchmarks/smollm2_quality.py {command_line(args)}` in {time.perf_counter() - t_start:.0f} s "
-            "(2 CPU cores). No fine-tuning." + ("" if done else " **Unfinished: the rows scored so far.**"),
+            f"(2 CPU cores) at {', '.join(sorted({r['commit'] for r in records}) or [version])}. No fine-tuning."
+            + carried_over() + ("" if done else " **Unfinished: the rows scored so far.**"),
             f"WikiText-2 test, raw stream, {len(windows)} windows of 1024 tokens = {n_tokens} tokens scored; "
             f"calibration: {calibration_text}.",
             f"Source model: **{source_ppl:.3f}** (first half of the windows: {source_half:.3f})"
@@ -175,18 +262,21 @@ def main() -> None:
             "(MHA2MLA), `rootcov` = root-covariance activation-aware SVD (LatentLLM), `centred` adds the bias update, "
             "`refined` fits the latent factors to the source attention output (100 Adam steps per layer), `-qo` frees the "
             "query and output projections in that fit too, `3groups` = one latent per KV head (Palu); `budgeted` spreads "
-            "the same cache over the layers by the activation error curves, `kl` by each layer's measured effect on the "
+            "the same cache over the layers by the activation error curves, `care` by CARE's greedy on the same curves, `kl` by each layer's measured effect on the "
             "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
             "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32, "
-            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3.",
+            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
             "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",
         ]
+        lines = [line for r in records for line in r["lines"]]
+        picks = [pick for r in records for pick in r["picks"]]
         args.out.parent.mkdir(parents=True, exist_ok=True)
         footer = ["", "Per-layer widths picked by the allocations (layer 0 first; `keep` = uncompressed):", "", *picks] if picks else []
         args.out.write_text("\n".join(header + lines + footer) + "\n")
+        sidecar.write_text(json.dumps({"source": source, "rows": records}, indent=1) + "\n")
         if done:
             print(f"wrote {args.out}")
 
@@ -195,25 +285,13 @@ def main() -> None:
         for label in args.rows:
             options, ratios = ROWS[label]
             for ratio in args.ratios or ratios:
-                t0 = time.perf_counter()
-                convert(src, out, ConvertOptions(kv_ratio=ratio, **calibration, **options), overwrite=True, progress=False)
-                seconds = time.perf_counter() - t0
-                ppl, half, _ = score(out, windows)
-                lines.append(f"| {label} | {ratio:.1%} | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |{ptb_cell(out)} "
-                             f"{seconds:.0f} |")
-                print(lines[-1], flush=True)
-                if options.get("rank_allocation", "uniform") != "uniform":
-                    picks.append(f"- {label} at {ratio:.1%}: {allocation(out)}")
-                    print(picks[-1], flush=True)
-                for hadamard in INT4_ROWS.get(label, ()) if ratio == 0.5 else ():
-                    if hadamard:
-                        convert(src, out, ConvertOptions(kv_ratio=ratio, hadamard=True, **calibration, **options), overwrite=True,
-                                progress=False)
-                    ppl, half, _ = score(out, windows, INT4_GROUP)
-                    name = f"{label} + INT4 cache (g{INT4_GROUP}){' + Hadamard' if hadamard else ''}"
-                    lines.append(f"| {name} | {ratio:.1%}, INT4 | {ppl:.3f} | {ppl / source_ppl:.3f} | {half:.3f} |"
-                                 f"{' |' if args.ptb else ''} |")
-                    print(lines[-1], flush=True)
+                convert_options = ConvertOptions(kv_ratio=ratio, **calibration, **options)
+                key = json.dumps([label, convert_options.model_dump(mode="json"), args.windows, args.ptb], sort_keys=True)
+                if key in earlier:
+                    records.append(earlier[key])
+                    print(*earlier[key]["lines"], "(kept from the earlier run)", sep="\n", flush=True)
+                else:
+                    records.append(dict(key=key, commit=version, **measure(out, label, convert_options)))
                 write(done=False)
     write(done=True)
 
