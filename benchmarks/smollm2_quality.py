@@ -22,7 +22,7 @@ Protocol (the papers' WikiText-2 perplexity):
     python benchmarks/smollm2_quality.py                 # -> results/smollm2_quality.md (~1 h on 2 cores)
     python benchmarks/smollm2_quality.py --rows full-rootcov --ratios 0.5 --windows 4   # one quick cell
     python benchmarks/smollm2_quality.py --rows matrix --calibration default --ptb --resume \
-        --out benchmarks/results/smollm2_quality_matrix.md    # methods x levers x caches x RoPE modes (~4 h)
+        --out benchmarks/results/smollm2_quality_matrix.md    # methods x levers x caches x RoPE modes (~3.3 h on 2 cores)
 
 A run writes its table after every row and keeps the rows beside it (``.json``); ``--resume`` picks
 a stopped run up where it stopped (conversions and scores are deterministic, so a kept row is the
