@@ -3,9 +3,10 @@
 Token Filtering (``latentkv/token_filter.py``) decides online, from a token's key and value, to drop
 its attention output in the filtered layers. ``smollm2_token_filter.py`` found it no better than
 random on this model. This measures what a selection that *sees the attention output it drops*
-reaches at the same skip fractions, layers and warm-up: no online score can choose better than
-such a hindsight choice by the same local criterion, so if these miss issue 13's targets (25% of
-the tokens within 1.05x of dense), the targets are out of reach on this model for that reading.
+reaches at the same skip fractions, layers and warm-up. It is a bound by a local criterion, not a
+proof: an online score that meets issue 13's targets (25% of the tokens within 1.05x of dense)
+would have to choose better than a choice that sees each layer's outputs, which the KV-similarity
+score, blind to them, is far from doing (it chooses like random on this model).
 
 Selections, per filtered layer and window, among the tokens after the warm-up:
 * ``smallest output``: drop the outputs that move the residual stream least (||a_t|| / ||x_t||,
