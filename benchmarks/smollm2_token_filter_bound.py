@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from smollm2_token_filter import RESULTS, Scorer, converted
+from smollm2_token_filter import PROMPTS, RESULTS, Scorer, converted
 from latentkv.token_filter import TokenFilterOptions
 
 SETTINGS = TokenFilterOptions(skip_fraction=0.25)  # the layers and warm-up of Token Filtering's defaults
@@ -62,7 +62,7 @@ def hindsight(layer: torch.nn.Module, index: int, selection: str, fraction: floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=12)
+    p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--workdir", default="smollm2-token-filter-work")
     p.add_argument("--out", type=Path, default=RESULTS / "smollm2_token_filter_bound.md")
     a = p.parse_args()
