@@ -15,7 +15,7 @@ Selections, per filtered layer and window, among the tokens after the warm-up:
   token's output -- a second reading ("reuse"), which no implementation here serves.
 Beside them, random dropping and dense, on the source model (every layer kept).
 
-    python benchmarks/smollm2_token_filter_bound.py    # -> results/smollm2_token_filter_bound.md (~5 min, 2 cores)
+    python benchmarks/smollm2_token_filter_bound.py    # -> results/smollm2_token_filter_bound.md (~2 min, 2 cores)
 """
 
 from __future__ import annotations
@@ -44,15 +44,15 @@ def hindsight(layer: torch.nn.Module, index: int, selection: str, fraction: floa
         if selection == "smallest output":
             cost = a.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-6)
         elif selection == "closest to previous":
-            cost = torch.full(a.shape[:2], float("inf"))
+            cost = torch.full(a.shape[:2], float("inf"), device=a.device)
             cost[:, 1:] = (a[:, 1:] - a[:, :-1]).norm(dim=-1) / a[:, 1:].norm(dim=-1).clamp_min(1e-6)
         else:  # random
-            cost = torch.rand(a.shape[:2], generator=torch.Generator().manual_seed(index))  # per layer
+            cost = torch.rand(a.shape[:2], generator=torch.Generator().manual_seed(index)).to(a.device)  # per layer, same draw on any device
         cost[:, :warmup] = float("inf")
         tau = torch.quantile(cost[:, warmup:], fraction, dim=1, keepdim=True)
         keep = cost > tau
         if selection == "closest to previous":  # reuse the last kept token's output
-            last = torch.where(keep, torch.arange(T), 0).cummax(dim=1).values
+            last = torch.where(keep, torch.arange(T, device=a.device), 0).cummax(dim=1).values
             return torch.gather(a, 1, last[..., None].expand_as(a))
         return a * keep[..., None]
 
