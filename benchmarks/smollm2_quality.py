@@ -85,6 +85,15 @@ GROUPED_LEVERS = {
     "600-qo-64seq-lr3e-3": dict(calibration_samples=64, refine_lr=3e-3, refine_steps=600),
     "900-qo-64seq-lr3e-3": dict(calibration_samples=64, refine_lr=3e-3, refine_steps=900),
 }
+# Full RoPE calibrated on C4 alone (results/smollm2_quality_c4_levers.md): more and longer calibration
+# sequences, and the grouped layout's best levers, each alone at 25% (where C4 alone falls furthest
+# behind the mix), then together at both caches.
+FULL_LEVERS = {
+    "300-qo-128seq": (dict(calibration_samples=128), (0.25,)),
+    "300-qo-64x512": (dict(calibration_samples=64, calibration_seq_len=512), (0.25,)),
+    "600-qo-64seq-lr3e-3": (dict(calibration_samples=64, refine_lr=3e-3, refine_steps=600), (0.25,)),
+    "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, refine_lr=3e-3, refine_steps=600), BOTH),
+}
 ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-svd": (dict(rope_mode="full", method="svd", refine_steps=0), BOTH),
     "full-rootcov": (dict(rope_mode="full", **ROOT_COV), BOTH),
@@ -111,6 +120,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     # one latent per KV head: each lever of GROUPED_LEVERS on the default recipe
     **{f"full-3groups-rootcov-refined-model-{suffix}": (dict(rope_mode="full", latent_groups=3, **{**MODEL_QO, **levers}), HALF)
        for suffix, levers in GROUPED_LEVERS.items()},
+    **{f"full-rootcov-refined-model-{suffix}": (dict(rope_mode="full", **{**MODEL_QO, **levers}), ratios)
+       for suffix, (levers, ratios) in FULL_LEVERS.items()},
 }
 # The one table: plain SVD (MHA2MLA), root covariance (LatentLLM / CARE), CARE's greedy widths, then the
 # levers on root covariance: widths by the output KL, the refinement (the default recipe), both; at three caches
@@ -265,7 +276,8 @@ def main() -> None:
             "the same cache over the layers by the activation error curves, `care` by CARE's greedy on the same curves, `kl` by each layer's measured effect on the "
             "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
-            "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32, "
+            "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
+            "(`-128seq` on 128, `-64x512` on 64 of 512 tokens), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
