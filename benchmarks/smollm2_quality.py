@@ -94,6 +94,9 @@ FULL_LEVERS = {
     "600-qo-64seq-lr3e-3": (dict(calibration_samples=64, refine_lr=3e-3, refine_steps=600), (0.25,)),
     "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, refine_lr=3e-3, refine_steps=600), BOTH),
 }
+# Does a larger damping (a whitening closer to plain SVD) carry a C4-calibrated closed form better to
+# other text? 0.01 is the converter's default.
+DAMPINGS = (0.01, 0.1, 1.0)
 ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-svd": (dict(rope_mode="full", method="svd", refine_steps=0), BOTH),
     "full-rootcov": (dict(rope_mode="full", **ROOT_COV), BOTH),
@@ -122,6 +125,7 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
        for suffix, levers in GROUPED_LEVERS.items()},
     **{f"full-rootcov-refined-model-{suffix}": (dict(rope_mode="full", **{**MODEL_QO, **levers}), ratios)
        for suffix, (levers, ratios) in FULL_LEVERS.items()},
+    **{f"full-rootcov-damping{d:g}": (dict(rope_mode="full", **ROOT_COV, damping=d), (0.25,)) for d in DAMPINGS},
 }
 # The one table: plain SVD (MHA2MLA), root covariance (LatentLLM / CARE), CARE's greedy widths, then the
 # levers on root covariance: widths by the output KL, the refinement (the default recipe), both; at three caches
@@ -278,7 +282,7 @@ def main() -> None:
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
             "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
             "(`-128seq` on 128, `-64x512` on 64 of 512 tokens), "
-            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3. `rootcov-refined-model-300-qo` is the converter's default recipe.",
+            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
             "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",
