@@ -91,7 +91,7 @@ GROUPED_LEVERS = {
 FULL_LEVERS = {
     "300-qo-128seq": (dict(calibration_samples=128), (0.25,)),
     "300-qo-64x512": (dict(calibration_samples=64, calibration_seq_len=512), (0.25,)),
-    "600-qo-64seq-lr3e-3": (dict(calibration_samples=64, refine_lr=3e-3, refine_steps=600), (0.25,)),
+    "600-qo-64seq-lr3e-3": (GROUPED_LEVERS["600-qo-64seq-lr3e-3"], (0.25,)),
     "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, refine_lr=3e-3, refine_steps=600), BOTH),
 }
 # Does a larger damping (a whitening closer to plain SVD) carry a C4-calibrated closed form better to
