@@ -93,10 +93,16 @@ FULL_LEVERS = {
     "300-qo-64x512": (dict(calibration_samples=64, calibration_seq_len=512), (0.25,)),
     "600-qo-64seq-lr3e-3": (GROUPED_LEVERS["600-qo-64seq-lr3e-3"], (0.25,)),
     "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, refine_lr=3e-3, refine_steps=600), BOTH),
+    # the same tokens in all and per step, in sequences as long as the evaluation's windows (worse at 50%, so
+    # not run at 25%)
+    "600-qo-32x1024-lr3e-3": (dict(calibration_samples=32, calibration_seq_len=1024, refine_batch=1, refine_lr=3e-3,
+                                   refine_steps=600), HALF),
 }
 # Does a larger damping (a whitening closer to plain SVD) carry a C4-calibrated closed form better to
 # other text? 0.01 is the converter's default.
 DAMPINGS = (0.01, 0.1, 1.0)
+# Is the closed form short of C4 text or of other kinds of text? More C4 sequences, no refinement.
+CLOSED_FORM_SAMPLES = (128, 512)
 ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-svd": (dict(rope_mode="full", method="svd", refine_steps=0), BOTH),
     "full-rootcov": (dict(rope_mode="full", **ROOT_COV), BOTH),
@@ -126,6 +132,7 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     **{f"full-rootcov-refined-model-{suffix}": (dict(rope_mode="full", **{**MODEL_QO, **levers}), ratios)
        for suffix, (levers, ratios) in FULL_LEVERS.items()},
     **{f"full-rootcov-damping{d:g}": (dict(rope_mode="full", **ROOT_COV, damping=d), (0.25,)) for d in DAMPINGS},
+    **{f"full-rootcov-{n}seq": (dict(rope_mode="full", **ROOT_COV, calibration_samples=n), HALF) for n in CLOSED_FORM_SAMPLES},
 }
 # The one table: plain SVD (MHA2MLA), root covariance (LatentLLM / CARE), CARE's greedy widths, then the
 # levers on root covariance: widths by the output KL, the refinement (the default recipe), both; at three caches
@@ -281,7 +288,7 @@ def main() -> None:
             "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
             "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
-            "(`-128seq` on 128, `-64x512` on 64 of 512 tokens), "
+            "(`-128seq` on 128, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
@@ -292,7 +299,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         footer = ["", "Per-layer widths picked by the allocations (layer 0 first; `keep` = uncompressed):", "", *picks] if picks else []
         args.out.write_text("\n".join(header + lines + footer) + "\n")
-        sidecar.write_text(json.dumps({"source": source, "rows": records}, indent=1) + "\n")
+        # rows kept from the earlier run that this one has not reached yet stay in the sidecar, so a run
+        # stopped twice loses none of them
+        pending = [r for key, r in earlier.items() if key not in {record["key"] for record in records}]
+        sidecar.write_text(json.dumps({"source": source, "rows": records + pending}, indent=1) + "\n")
         if done:
             print(f"wrote {args.out}")
 
