@@ -97,6 +97,9 @@ FULL_LEVERS = {
     # not run at 25%)
     "600-qo-32x1024-lr3e-3": (dict(calibration_samples=32, calibration_seq_len=1024, refine_batch=1, refine_lr=3e-3,
                                    refine_steps=600), HALF),
+    # LatentLLM's calibration, 64 x 2048 C4 tokens: hours per cache on 2 CPU cores, minutes on a GPU
+    # (docs/gpu-validation.md, section 4)
+    "600-qo-64x2048-lr3e-3": (dict(calibration_samples=64, calibration_seq_len=2048, refine_lr=3e-3, refine_steps=600), BOTH),
 }
 # Does a larger damping (a whitening closer to plain SVD) carry a C4-calibrated closed form better to
 # other text? 0.01 is the converter's default.
@@ -288,7 +291,7 @@ def main() -> None:
             "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
             "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
-            "(`-128seq` on 128, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step), "
+            "(`-128seq` on 128, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
