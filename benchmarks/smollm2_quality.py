@@ -134,6 +134,9 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
        for suffix, levers in GROUPED_LEVERS.items()},
     **{f"full-rootcov-refined-model-{suffix}": (dict(rope_mode="full", **{**MODEL_QO, **levers}), ratios)
        for suffix, (levers, ratios) in FULL_LEVERS.items()},
+    # shared RoPE calibrated on C4 alone, with the full-RoPE levers that helped most there
+    "shared32-rootcov-refined-model-600-qo-128seq-lr3e-3": (
+        dict(rope_mode="shared", rope_pairs=32, **{**MODEL_QO, **FULL_LEVERS["600-qo-128seq-lr3e-3"][0]}), HALF),
     **{f"full-rootcov-damping{d:g}": (dict(rope_mode="full", **ROOT_COV, damping=d), (0.25,)) for d in DAMPINGS},
     **{f"full-rootcov-{n}seq": (dict(rope_mode="full", **ROOT_COV, calibration_samples=n), HALF) for n in CLOSED_FORM_SAMPLES},
 }
