@@ -88,18 +88,18 @@ GROUPED_LEVERS = {
 # Full RoPE calibrated on C4 alone (results/smollm2_quality_c4_levers.md): more and longer calibration
 # sequences, and the grouped layout's best levers, each alone at 25% (where C4 alone falls furthest
 # behind the mix), then together at both caches.
+LONGER_FASTER = dict(refine_steps=600, refine_lr=3e-3)  # the refinement levers the rows below share
 FULL_LEVERS = {
     "300-qo-128seq": (dict(calibration_samples=128), (0.25,)),
     "300-qo-64x512": (dict(calibration_samples=64, calibration_seq_len=512), (0.25,)),
     "600-qo-64seq-lr3e-3": (GROUPED_LEVERS["600-qo-64seq-lr3e-3"], (0.25,)),
-    "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, refine_lr=3e-3, refine_steps=600), BOTH),
+    "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, **LONGER_FASTER), BOTH),
     # the same tokens in all and per step, in sequences as long as the evaluation's windows (worse at 50%, so
     # not run at 25%)
-    "600-qo-32x1024-lr3e-3": (dict(calibration_samples=32, calibration_seq_len=1024, refine_batch=1, refine_lr=3e-3,
-                                   refine_steps=600), HALF),
-    # LatentLLM's calibration, 64 x 2048 C4 tokens: hours per cache on 2 CPU cores, minutes on a GPU
+    "600-qo-32x1024-lr3e-3": (dict(calibration_samples=32, calibration_seq_len=1024, refine_batch=1, **LONGER_FASTER), HALF),
+    # LatentLLM's calibration, 64 x 2048 C4 tokens: hours per cache on 2 CPU cores, so meant for the GPU window
     # (docs/gpu-validation.md, section 4)
-    "600-qo-64x2048-lr3e-3": (dict(calibration_samples=64, calibration_seq_len=2048, refine_lr=3e-3, refine_steps=600), BOTH),
+    "600-qo-64x2048-lr3e-3": (dict(calibration_samples=64, calibration_seq_len=2048, **LONGER_FASTER), BOTH),
 }
 # Does a larger damping (a whitening closer to plain SVD) carry a C4-calibrated closed form better to
 # other text? 0.01 is the converter's default.
@@ -307,7 +307,8 @@ def main() -> None:
         args.out.write_text("\n".join(header + lines + footer) + "\n")
         # rows kept from the earlier run that this one has not reached yet stay in the sidecar, so a run
         # stopped twice loses none of them
-        pending = [r for key, r in earlier.items() if key not in {record["key"] for record in records}]
+        reached = {record["key"] for record in records}
+        pending = [r for key, r in earlier.items() if key not in reached]
         sidecar.write_text(json.dumps({"source": source, "rows": records + pending}, indent=1) + "\n")
         if done:
             print(f"wrote {args.out}")
