@@ -94,8 +94,9 @@ FULL_LEVERS = {
     "300-qo-64x512": (dict(calibration_samples=64, calibration_seq_len=512), (0.25,)),
     "600-qo-64seq-lr3e-3": (GROUPED_LEVERS["600-qo-64seq-lr3e-3"], (0.25,)),
     "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, **LONGER_FASTER), BOTH),
-    # twice the C4 sequences again: 64 -> 128 took 25% from 1.816x to 1.643x; is the refinement still data-starved?
+    # more C4 sequences at the same steps: 64 -> 128 took 25% from 1.816x to 1.643x; is the refinement still data-starved?
     "600-qo-256seq-lr3e-3": (dict(calibration_samples=256, **LONGER_FASTER), BOTH),
+    "600-qo-512seq-lr3e-3": (dict(calibration_samples=512, **LONGER_FASTER), BOTH),
     # the same tokens in all and per step, in sequences as long as the evaluation's windows (worse at 50%, so
     # not run at 25%)
     "600-qo-32x1024-lr3e-3": (dict(calibration_samples=32, calibration_seq_len=1024, refine_batch=1, **LONGER_FASTER), HALF),
