@@ -297,7 +297,7 @@ def main() -> None:
             "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
             "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
-            "(`-128seq` on 128, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
+            "(`-128seq` to `-512seq` on 128 to 512, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
