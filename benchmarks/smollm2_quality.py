@@ -89,14 +89,13 @@ GROUPED_LEVERS = {
 # sequences, and the grouped layout's best levers, each alone at 25% (where C4 alone falls furthest
 # behind the mix), then together at both caches.
 LONGER_FASTER = dict(refine_steps=600, refine_lr=3e-3)  # the refinement levers the rows below share
+REFINED_SAMPLES = (128, 256, 512)  # C4 sequences refined on with LONGER_FASTER
 FULL_LEVERS = {
     "300-qo-128seq": (dict(calibration_samples=128), (0.25,)),
     "300-qo-64x512": (dict(calibration_samples=64, calibration_seq_len=512), (0.25,)),
     "600-qo-64seq-lr3e-3": (GROUPED_LEVERS["600-qo-64seq-lr3e-3"], (0.25,)),
-    "600-qo-128seq-lr3e-3": (dict(calibration_samples=128, **LONGER_FASTER), BOTH),
     # more C4 sequences at the same steps (64 -> 128 took 25% from 1.816x to 1.643x): is the refinement still short of data?
-    "600-qo-256seq-lr3e-3": (dict(calibration_samples=256, **LONGER_FASTER), BOTH),
-    "600-qo-512seq-lr3e-3": (dict(calibration_samples=512, **LONGER_FASTER), BOTH),
+    **{f"600-qo-{n}seq-lr3e-3": (dict(calibration_samples=n, **LONGER_FASTER), BOTH) for n in REFINED_SAMPLES},
     # the same tokens in all and per step, in sequences as long as the evaluation's windows (worse at 50%, so
     # not run at 25%)
     "600-qo-32x1024-lr3e-3": (dict(calibration_samples=32, calibration_seq_len=1024, refine_batch=1, **LONGER_FASTER), HALF),
