@@ -31,7 +31,8 @@ Windows (``eval_windows``):
 Calibration (``calibration_samples``): N sequences of exactly L tokens from the concatenated
 stream; each starts at a randomly chosen document start (``align="document"``, so position 0 is
 that document's BOS, as at inference) or at a random token offset (``align="token"``), drawn
-with a ``torch.Generator`` seeded by ``seed`` (same inputs + seed -> same samples). Several texts
+with a ``torch.Generator`` seeded by ``seed`` (same inputs + seed -> same samples) and without
+repeats until every start has been drawn once. Several texts
 (``load_calibration_samples``) share the N sequences, interleaved.
 """
 
@@ -196,7 +197,31 @@ def calibration_starts(
     else:
         raise ValueError(f"unknown align {align!r}; use 'document' or 'token'")
     g = torch.Generator().manual_seed(seed)
-    return starts[torch.randint(len(starts), (n_samples,), generator=g)].tolist()
+    return starts[_draws_without_repeats(len(starts), n_samples, g)].tolist()
+
+
+def _draws_without_repeats(n_choices: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` uniform draws from ``range(n_choices)``, none repeated until every choice has been drawn.
+
+    A repeated calibration sequence adds no text: with plain uniform draws, 512 sequences from the
+    1,000 documents of the shipped C4 sample hold only 382 distinct ones. Drawn in rounds: each round
+    draws as many as are still missing and keeps the first draw of each choice not yet taken, then a
+    new pass starts once every choice is taken. A draw with no repeat is therefore the plain uniform
+    draw (the default 32 sequences are, at seed 0), so samples and tables from before this change
+    reproduce wherever they had no repeat.
+    """
+    picked: list[int] = []
+    taken: set[int] = set()
+    while len(picked) < n:
+        for i in torch.randint(n_choices, (n - len(picked),), generator=generator).tolist():
+            if i in taken:
+                continue
+            picked.append(i)
+            taken.add(i)
+            if len(taken) == n_choices:  # every choice drawn once: the next round starts a new pass
+                taken.clear()
+                break
+    return torch.tensor(picked, dtype=torch.long)
 
 
 def calibration_samples(

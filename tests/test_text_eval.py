@@ -141,6 +141,19 @@ def test_calibration_samples_seeded():
         calibration_samples(docs, 2, 500)
 
 
+def test_calibration_starts_repeat_only_after_every_start_is_drawn():
+    docs = [[1] + [7] * 20 for _ in range(10)]  # 10 document starts, all with room for 16 tokens
+    starts = calibration_starts(docs, 25, 16, seed=0)
+    first, second, third = starts[:10], starts[10:20], starts[20:]
+    assert sorted(first) == sorted(second) == [21 * i for i in range(10)]  # each pass draws every start once
+    assert len(set(third)) == 5
+    # Without a repeat the draw is the plain uniform one, so earlier samples with no repeat reproduce.
+    many = [[1] + [7] * 20 for _ in range(1000)]
+    drawn = calibration_starts(many, 8, 16, seed=0)
+    plain = torch.randint(1000, (8,), generator=torch.Generator().manual_seed(0))
+    assert len(set(plain.tolist())) == 8 and drawn == (plain * 21).tolist()
+
+
 @needs_data
 def test_too_short_text_real_tokenizer(stories, tmp_path):
     _, tok = stories
