@@ -103,6 +103,7 @@ FULL_LEVERS = {
     # (docs/gpu-validation.md, section 4)
     "600-qo-64x2048-lr3e-3": (dict(calibration_samples=64, calibration_seq_len=2048, **LONGER_FASTER), BOTH),
 }
+FAST_LAYOUTS = {"shared32": dict(rope_mode="shared", rope_pairs=32), "full-3groups": dict(rope_mode="full", latent_groups=3)}
 # Does a larger damping (a whitening closer to plain SVD) carry a C4-calibrated closed form better to
 # other text? 0.01 is the converter's default.
 DAMPINGS = (0.01, 0.1, 1.0)
@@ -136,11 +137,10 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
        for suffix, levers in GROUPED_LEVERS.items()},
     **{f"full-rootcov-refined-model-{suffix}": (dict(rope_mode="full", **{**MODEL_QO, **levers}), ratios)
        for suffix, (levers, ratios) in FULL_LEVERS.items()},
-    # shared RoPE calibrated on C4 alone, with the full-RoPE levers that helped most there (512 sequences: for the
-    # GPU window, docs/gpu-validation.md section 4)
-    **{f"shared32-rootcov-refined-model-{suffix}": (
-        dict(rope_mode="shared", rope_pairs=32, **{**MODEL_QO, **FULL_LEVERS[suffix][0]}), HALF)
-       for suffix in ("600-qo-128seq-lr3e-3", "600-qo-512seq-lr3e-3")},
+    # the fast layouts (shared RoPE; one latent per KV head) calibrated on C4 alone, with the full-RoPE levers
+    # that helped most there
+    **{f"{layout}-rootcov-refined-model-{suffix}": (dict(**FAST_LAYOUTS[layout], **{**MODEL_QO, **FULL_LEVERS[suffix][0]}), HALF)
+       for layout in FAST_LAYOUTS for suffix in ("600-qo-128seq-lr3e-3", "600-qo-512seq-lr3e-3")},
     **{f"full-rootcov-damping{d:g}": (dict(rope_mode="full", **ROOT_COV, damping=d), (0.25,)) for d in DAMPINGS},
     **{f"full-rootcov-{n}seq": (dict(rope_mode="full", **ROOT_COV, calibration_samples=n), HALF) for n in CLOSED_FORM_SAMPLES},
 }
