@@ -87,7 +87,9 @@ GROUPED_LEVERS = {
 }
 # Full RoPE calibrated on C4 alone (results/smollm2_quality_c4_levers.md): more and longer calibration
 # sequences, and the grouped layout's best levers, each alone at 25% (where C4 alone falls furthest
-# behind the mix), then together at both caches.
+# behind the mix), then together at both caches. That table predates calibration draws without repeats
+# (005ee43): its rows of 64 or more C4 sequences drew some twice, so rerunning them gives other numbers;
+# results/smollm2_quality_c4_distinct.md reruns the 512-sequence rows.
 LONGER_FASTER = dict(refine_steps=600, refine_lr=3e-3)  # the refinement levers the rows below share
 REFINED_SAMPLES = (128, 256, 512)  # C4 sequences refined on with LONGER_FASTER
 FULL_LEVERS = {
