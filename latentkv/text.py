@@ -203,8 +203,8 @@ def calibration_starts(
 def _draws_without_repeats(n_choices: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` uniform draws from ``range(n_choices)``, none repeated until every choice has been drawn.
 
-    A repeated calibration sequence adds no text: with plain uniform draws, 512 sequences from the
-    1,000 documents of the shipped C4 sample hold only 382 distinct ones. Drawn in rounds: each round
+    A repeated calibration sequence adds no text, and plain uniform draws of 512 sequences from the
+    1,000 documents of the shipped C4 sample repeat many. Drawn in rounds: each round
     draws as many as are still missing and keeps the first draw of each choice not yet taken, then a
     new pass starts once every choice is taken. A draw with no repeat is therefore the plain uniform
     draw (the default 32 sequences are, at seed 0), so samples and tables from before this change
