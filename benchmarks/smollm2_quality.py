@@ -111,6 +111,8 @@ FULL_LEVERS = {
     # more steps instead (on the mix they took one latent per KV head from 1.203x to 1.187x): 1.462x at 25% in
     # 1650 s, under the target; one latent per KV head 1.227x at 50% (1.254x with 600)
     "900-qo-512seq-lr3e-3": (dict(calibration_samples=512, refine_steps=900, refine_lr=3e-3), (0.25,)),
+    # does one latent per KV head reach 1.2x with still more steps? (about 33 minutes on 2 cores: over budget)
+    "1200-qo-512seq-lr3e-3": (dict(calibration_samples=512, refine_steps=1200, refine_lr=3e-3), (0.25,)),
 }
 CALIBRATION_SEEDS = (1, 2)
 FAST_LAYOUTS = {"shared32": dict(rope_mode="shared", rope_pairs=32), "full-3groups": dict(rope_mode="full", latent_groups=3)}
@@ -151,7 +153,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     # that helped most there
     **{f"{layout}-rootcov-refined-model-{suffix}": (dict(**FAST_LAYOUTS[layout], **{**MODEL_QO, **FULL_LEVERS[suffix][0]}), HALF)
        for layout in FAST_LAYOUTS
-       for suffix in ("600-qo-128seq-lr3e-3", "600-qo-512seq-lr3e-3", "600-qo-1000seq-lr3e-3", "900-qo-512seq-lr3e-3")},
+       for suffix in ("600-qo-128seq-lr3e-3", "600-qo-512seq-lr3e-3", "600-qo-1000seq-lr3e-3", "900-qo-512seq-lr3e-3",
+                      "1200-qo-512seq-lr3e-3")},
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
@@ -313,7 +316,7 @@ def main() -> None:
             "the same cache over the layers by the activation error curves, `care` by CARE's greedy on the same curves, `kl` by each layer's measured effect on the "
             "model's output (KL to the source at a few widths, or uncompressed); `-model` fits each layer to the source "
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
-            "to `-900` run 300 to 900 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
+            "to `-1200` run 300 to 1200 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
             "(`-128seq` to `-1000seq` on 128 to 1000, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
