@@ -154,6 +154,12 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     **{f"{layout}-rootcov-refined-model-{suffix}": (dict(**FAST_LAYOUTS[layout], **{**MODEL_QO, **FULL_LEVERS[suffix][0]}), HALF)
        for layout in FAST_LAYOUTS
        for suffix in ("600-qo-128seq-lr3e-3", "600-qo-512seq-lr3e-3", "900-qo-512seq-lr3e-3", "1200-qo-512seq-lr3e-3")},
+    # the refinement's steps in bfloat16 (--refine-precision; results/smollm2_quality_c4_bf16.md): 1200 steps beside
+    # the float32 row above (same quality? how much faster?), then 1500, which float32 cannot fit into 30 minutes
+    **{f"full-3groups-rootcov-refined-model-{steps}-qo-512seq-lr3e-3-bf16": (
+        dict(**FAST_LAYOUTS["full-3groups"], **{**MODEL_QO, **FULL_LEVERS["1200-qo-512seq-lr3e-3"][0],
+                                                  "refine_steps": steps, "refine_precision": "bfloat16"}), HALF)
+       for steps in (1200, 1500)},
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
@@ -340,8 +346,12 @@ def main() -> None:
         for label in args.rows:
             options, ratios = ROWS[label]
             for ratio in args.ratios or ratios:
-                convert_options = ConvertOptions(kv_ratio=ratio, **calibration, **options)
-                key = json.dumps([label, convert_options.model_dump(mode="json"), args.windows, args.ptb], sort_keys=True)
+                # rows run in float32 unless they say otherwise: all of them did before --refine-precision
+                # existed, so their stored keys lack it
+                convert_options = ConvertOptions(kv_ratio=ratio, **calibration, **{"refine_precision": "float32", **options})
+                dumped = convert_options.model_dump(mode="json", exclude={"refine_precision"} if
+                                                    convert_options.refine_precision == "float32" else None)
+                key = json.dumps([label, dumped, args.windows, args.ptb], sort_keys=True)
                 if key in earlier:
                     records.append(earlier[key])
                     print(*earlier[key]["lines"], "(kept from the earlier run)", sep="\n", flush=True)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from converters.importers.hf import AttentionWeights, SourceModel
-from converters.math.refine import FitReport, fit_to_outputs
+from converters.math.refine import FitReport, fit_to_outputs, mixed_precision
 from converters.math.nope_scaling import fit_nope_scales, kept_projection_partial, kept_projection_shared
 from converters.math.rope_selection import pair_covariance
 from converters.math.stats import InputStats
@@ -120,7 +120,7 @@ REFINED_PARAMETERS = {
 
 def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
-                        batch: int, params: str = "latent", seed: int = 0, device: str = "cpu",
+                        batch: int, params: str = "latent", seed: int = 0, device: str = "cpu", precision: str = "float32",
                         reference: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], FitReport]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
     states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU)
@@ -129,6 +129,7 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     ``reference``: the source model's own hidden states entering layer i, when ``hidden`` are the
     converted model's. The target is then the source's residual stream after the attention, less
     the converted stream: o(h) ~ o_src(h_src) + (h_src - h) (``--refine-target model``).
+    ``precision``: ``--refine-precision`` (:func:`converters.math.refine.mixed_precision`).
     """
     hidden = hidden.to(device)
     reference = hidden if reference is None else reference.to(device)
@@ -154,7 +155,7 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
         p.requires_grad_(True)
     with torch.enable_grad():
         report = fit_to_outputs(lambda hb: attend(student, hb), chosen, hidden, targets, steps=steps, lr=lr, batch=batch,
-                                seed=seed)
+                                seed=seed, autocast=mixed_precision(precision, device))
     fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
     return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report
 

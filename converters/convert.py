@@ -180,9 +180,10 @@ def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel,
         tensors, fit = calib.refine_latent_layer(
             source, i, student, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
             batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i,
-            device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"), reference=reference)
-        log.info("layer %d: attention output error %.4f -> %.4f (%d refinement steps, %.1f s)",
-                 i, fit.error_before, fit.error_after, fit.steps, fit.seconds)
+            device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            precision=opts.refine_precision, reference=reference)
+        log.info("layer %d: attention output error %.4f -> %.4f (%d refinement steps in %s, %.1f s)",
+                 i, fit.error_before, fit.error_after, fit.steps, fit.precision, fit.seconds)
     return layer, tensors
 
 

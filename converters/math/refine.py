@@ -27,6 +27,13 @@ model's hidden states h and asks for the source model's own residual stream afte
 
 so each layer also cancels what the layers before it left in the stream. This file sees only
 ``predict`` and fixed ``targets``; ``converters.calibration.refine_latent_layer`` builds them.
+
+Mixed precision (``--refine-precision``): the steps' forward and backward passes may run under
+bfloat16 autocast, as AutoRound's layer-wise tuning does by default, while the parameters, Adam's
+moments, the loss and both checks of E stay float32. On SmolLM2 (one latent per KV head, 50% cache,
+layers 5 and 20, 300 / 600 steps) it reached the same E (0.0941 against 0.0944, 0.0481 against
+0.0481) with 1.6x faster steps on a 2-core AVX512-BF16 CPU; the flash attention kernel, which
+bfloat16 does not speed up on a CPU, is then about half of a step.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class FitReport:
     error_after: float  # E(theta) after the last step
     steps: int
     seconds: float
+    precision: str = "float32"  # of the steps' forward and backward passes
 
 
 def relative_error(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
@@ -70,12 +78,15 @@ def fit_to_outputs(
     lr: float,
     batch: int,
     seed: int = 0,
+    autocast: torch.dtype | None = None,
 ) -> FitReport:
     """Adam on ``params`` minimising E over mini-batches of ``batch`` sequences of ``inputs`` [N, L, D].
 
     ``predict(x)`` must be differentiable in ``params``; ``targets`` [N, L, D] are fixed. The
     parameters keep the best iterate seen on the whole calibration set (checked at the end
     against the start), so a learning rate that is too high cannot make the layer worse.
+    ``autocast``: the lower precision the steps' passes run in (None: the parameters' own); E is
+    always measured without it.
     """
     t0 = time.perf_counter()
     start = [p.detach().clone() for p in params]
@@ -89,7 +100,9 @@ def fit_to_outputs(
     n = inputs.shape[0]
     for _ in range(steps):
         pick = torch.randperm(n, generator=g)[: min(batch, n)]
-        loss = (predict(inputs[pick]) - targets[pick]).pow(2).mean() / scale
+        with torch.autocast(inputs.device.type, dtype=autocast, enabled=autocast is not None):
+            prediction = predict(inputs[pick])
+        loss = (prediction.float() - targets[pick]).pow(2).mean() / scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -100,4 +113,21 @@ def fit_to_outputs(
             for p, p0 in zip(params, start):
                 p.copy_(p0)
         after = before
-    return FitReport(before, after, steps, time.perf_counter() - t0)
+    precision = str(autocast or params[0].dtype).removeprefix("torch.")
+    return FitReport(before, after, steps, time.perf_counter() - t0, precision)
+
+
+def mixed_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype of ``--refine-precision`` on ``device``: None for float32; for auto,
+    bfloat16 where the device computes it natively (CUDA GPUs with bfloat16, CPUs with AVX512-BF16
+    or AMX), else None (emulated bfloat16 is slower than float32)."""
+    if precision != "auto":
+        return None if precision == "float32" else getattr(torch, precision)
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    elif device.type == "cpu":  # torch.cpu's probes are private: absent ones count as no support
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    else:
+        native = False
+    return torch.bfloat16 if native else None
