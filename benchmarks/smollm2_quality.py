@@ -154,6 +154,9 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     **{f"{layout}-rootcov-refined-model-{suffix}": (dict(**FAST_LAYOUTS[layout], **{**MODEL_QO, **FULL_LEVERS[suffix][0]}), HALF)
        for layout in FAST_LAYOUTS
        for suffix in ("600-qo-128seq-lr3e-3", "600-qo-512seq-lr3e-3", "900-qo-512seq-lr3e-3", "1200-qo-512seq-lr3e-3")},
+    # the default recipe with its steps in bfloat16, beside it in float32 (--calibration default,
+    # results/smollm2_quality_default_bf16.md): what --refine-precision auto changes for a user with such a CPU
+    "full-rootcov-refined-model-300-qo-bf16": (dict(rope_mode="full", **MODEL_QO, refine_precision="bfloat16"), HALF),
     # the refinement's steps in bfloat16 (--refine-precision; results/smollm2_quality_c4_bf16.md): 1200 steps beside
     # the float32 row above (same quality? how much faster?), then 1500, which float32 cannot fit into 30 minutes
     **{f"full-3groups-rootcov-refined-model-{steps}-qo-512seq-lr3e-3-bf16": (
@@ -323,7 +326,8 @@ def main() -> None:
             "model's own residual stream after its attention, fed the converted model's (`--refine-target model`), `-300` "
             "to `-1200` run 300 to 1200 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
             "(`-128seq` to `-1000seq` on 128 to 1000, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
-            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
+            "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-bf16` runs the refinement's steps in bfloat16 mixed precision "
+            "(`--refine-precision bfloat16`; every other row in float32), `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
             "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",

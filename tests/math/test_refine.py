@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from converters.math.refine import fit_to_outputs, relative_error
+from converters.math.refine import fit_to_outputs, mixed_precision, relative_error
 
 N, L, D, R = 6, 12, 16, 4
 
@@ -59,3 +59,33 @@ def test_a_rate_too_high_never_returns_a_worse_layer():
     assert report.error_after <= report.error_before
     if report.error_after == report.error_before:  # diverged: the start is restored exactly
         torch.testing.assert_close(student.A.detach(), start, rtol=0, atol=0)
+
+
+def test_bfloat16_steps_fit_as_well_and_keep_float32_parameters():
+    x, y, (A, Bk, Bv, Wq), g = _problem(3)
+    start = A + 0.3 * torch.randn(A.shape, generator=g)
+    reports = {}
+    for autocast in (None, torch.bfloat16):
+        student = TinyAttention(start, Bk, Bv, Wq)
+        reports[autocast] = fit_to_outputs(student, [student.A, student.Bk, student.Bv], x, y, steps=300, lr=1e-2,
+                                           batch=3, autocast=autocast)
+        assert student.A.dtype == torch.float32
+    full, mixed = reports[None], reports[torch.bfloat16]
+    assert (full.precision, mixed.precision) == ("float32", "bfloat16")
+    assert mixed.error_after < 0.3 * mixed.error_before, mixed
+    assert mixed.error_after < 2 * full.error_after, (mixed, full)  # bfloat16's rounding, not a worse fit
+
+
+def test_bfloat16_noise_cannot_move_an_exact_start():
+    x, y, (A, Bk, Bv, Wq), _ = _problem(4)
+    student = TinyAttention(A, Bk, Bv, Wq)
+    report = fit_to_outputs(student, [student.A], x, y, steps=20, lr=1e-2, batch=3, autocast=torch.bfloat16)
+    assert report.error_after == report.error_before < 1e-12  # checked in float32: the start is kept
+    torch.testing.assert_close(student.A.detach(), A, rtol=0, atol=0)
+
+
+def test_mixed_precision_names_the_autocast_dtype():
+    assert mixed_precision("float32", "cpu") is None
+    assert mixed_precision("bfloat16", "cpu") is torch.bfloat16
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert mixed_precision("auto", "cpu") is (torch.bfloat16 if native else None)
