@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from converters.importers.hf import AttentionWeights, SourceModel
-from converters.math.refine import FitReport, fit_to_outputs, mixed_precision
+from converters.math.refine import FitReport, fit_to_outputs, mixed_precision, predictions
 from converters.math.nope_scaling import fit_nope_scales, kept_projection_partial, kept_projection_shared
 from converters.math.rope_selection import pair_covariance
 from converters.math.stats import InputStats
@@ -121,10 +121,13 @@ REFINED_PARAMETERS = {
 def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
                         batch: int, params: str = "latent", seed: int = 0, device: str = "cpu", precision: str = "float32",
-                        reference: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], FitReport]:
+                        reference: torch.Tensor | None = None
+                        ) -> tuple[dict[str, torch.Tensor], FitReport, dict[str, torch.Tensor]]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
-    states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU)
-    and the fit's report.
+    states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU),
+    the fit's report and the residual streams after layer i's attention, which the fit has computed
+    anyway (CPU, float32): "converted" = h + o(h) with the returned tensors, "original" = h_src +
+    o_src(h_src) (h_src = ``reference``, else ``hidden``). Propagating them needs only the MLP.
 
     ``reference``: the source model's own hidden states entering layer i, when ``hidden`` are the
     converted model's. The target is then the source's residual stream after the attention, less
@@ -144,9 +147,8 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     src_tensors = {n.removeprefix(f"model.layers.{i}.self_attn."): source.tensor(n, torch.float32)
                    for n in source.layer_names(i) if ".self_attn." in n}
     teacher = attention_module(source, src_spec, src_tensors, torch.float32).to(device)
-    with torch.no_grad():
-        targets = torch.cat([attend(teacher, reference[s : s + 8]) for s in range(0, hidden.shape[0], 8)])
-        targets += reference - hidden  # 0 unless fitting to the source model's stream
+    source_out = predictions(lambda h: attend(teacher, h), reference)
+    targets = source_out + (reference - hidden)  # o_src(h_src), unless fitting to the source model's stream
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():
@@ -157,7 +159,8 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
         report = fit_to_outputs(lambda hb: attend(student, hb), chosen, hidden, targets, steps=steps, lr=lr, batch=batch,
                                 seed=seed, autocast=mixed_precision(precision, device))
     fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
-    return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report
+    after_attention = {"converted": (hidden + report.outputs).cpu(), "original": (reference + source_out).cpu()}
+    return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report, after_attention
 
 
 @torch.no_grad()
@@ -207,6 +210,12 @@ def _pair_norms(x: torch.Tensor) -> torch.Tensor:
     n_f = x.shape[-1] // 2
     x = x.to(torch.float64)
     return (x[..., :n_f].pow(2) + x[..., n_f:].pow(2)).sqrt()
+
+
+@torch.no_grad()
+def run_feed_forward(module: DecoderLayer, after_attention: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """The second half of one layer: residual states after its attention [N, L, D] -> the layer's output."""
+    return torch.cat([module.feed_forward(after_attention[s : s + chunk]) for s in range(0, after_attention.shape[0], chunk)])
 
 
 @torch.no_grad()

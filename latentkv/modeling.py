@@ -372,7 +372,10 @@ class DecoderLayer(nn.Module):
             keep = self.filter_decisions(cached, key_padding, x.shape[1], token_filter)
             self.last_keep = keep.float()
             a = a * keep[..., None].to(a.dtype)
-        x = x + a
+        return self.feed_forward(x + a)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's second half, on the residual stream after its attention."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def filter_decisions(self, cached, key_padding, T: int, opts: TokenFilterOptions) -> torch.Tensor:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -54,18 +54,24 @@ class FitReport:
     steps: int
     seconds: float
     precision: str = "float32"  # of the steps' forward and backward passes
+    outputs: torch.Tensor | None = field(default=None, repr=False)  # predict(inputs) with the returned parameters
+
+
+@torch.no_grad()
+def predictions(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """predict(x) for every sequence of ``inputs``, in chunks."""
+    return torch.cat([predict(inputs[s : s + chunk]) for s in range(0, inputs.shape[0], chunk)])
+
+
+def error_of(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """E = sum ||o - y||^2 / sum ||y||^2."""
+    return (outputs - targets).pow(2).sum().item() / max(targets.pow(2).sum().item(), 1e-30)
 
 
 def relative_error(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
                    chunk: int = 8) -> float:
-    """E = sum ||predict(x) - y||^2 / sum ||y||^2 over all sequences, in chunks (no gradient)."""
-    num = den = 0.0
-    with torch.no_grad():
-        for s in range(0, inputs.shape[0], chunk):
-            y = targets[s : s + chunk]
-            num += (predict(inputs[s : s + chunk]) - y).pow(2).sum().item()
-            den += y.pow(2).sum().item()
-    return num / max(den, 1e-30)
+    """E of ``predict`` over all sequences (no gradient)."""
+    return error_of(predictions(predict, inputs, chunk), targets)
 
 
 def fit_to_outputs(
@@ -86,13 +92,15 @@ def fit_to_outputs(
     parameters keep the best iterate seen on the whole calibration set (checked at the end
     against the start), so a learning rate that is too high cannot make the layer worse.
     ``autocast``: the lower precision the steps' passes run in (None: the parameters' own); E is
-    always measured without it.
+    always measured without it. The report keeps the last check's predictions (``outputs``), which
+    callers reuse rather than run the layer again.
     """
     t0 = time.perf_counter()
     start = [p.detach().clone() for p in params]
-    before = relative_error(predict, inputs, targets)
+    start_outputs = predictions(predict, inputs)
+    before = error_of(start_outputs, targets)
     if steps <= 0 or before == 0.0:
-        return FitReport(before, before, 0, time.perf_counter() - t0)
+        return FitReport(before, before, 0, time.perf_counter() - t0, outputs=start_outputs)
     scale = targets.pow(2).mean().clamp_min(1e-30)  # the loss in units of E, so one lr fits all layers
     opt = torch.optim.Adam(params, lr=lr, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
@@ -107,14 +115,15 @@ def fit_to_outputs(
         loss.backward()
         opt.step()
         sched.step()
-    after = relative_error(predict, inputs, targets)
+    outputs = predictions(predict, inputs)
+    after = error_of(outputs, targets)
     if not after < before:  # never return a layer worse than the closed form
         with torch.no_grad():
             for p, p0 in zip(params, start):
                 p.copy_(p0)
-        after = before
+        after, outputs = before, start_outputs
     precision = str(autocast or params[0].dtype).removeprefix("torch.")
-    return FitReport(before, after, steps, time.perf_counter() - t0, precision)
+    return FitReport(before, after, steps, time.perf_counter() - t0, precision, outputs)
 
 
 def mixed_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
