@@ -30,10 +30,9 @@ so each layer also cancels what the layers before it left in the stream. This fi
 
 Mixed precision (``--refine-precision``): the steps' forward and backward passes may run under
 bfloat16 autocast, as AutoRound's layer-wise tuning does by default, while the parameters, Adam's
-moments, the loss and both checks of E stay float32. On SmolLM2 (one latent per KV head, 50% cache,
-layers 5 and 20, 300 / 600 steps) it reached the same E (0.0941 against 0.0944, 0.0481 against
-0.0481) with 1.6x faster steps on a 2-core AVX512-BF16 CPU; the flash attention kernel, which
-bfloat16 does not speed up on a CPU, is then about half of a step.
+moments, the loss and both checks of E stay float32. On SmolLM2 the default recipe scores the same
+either way, and converts 1.4x faster on a 2-core AVX512-BF16 CPU
+(``benchmarks/results/smollm2_quality_default_bf16.md``).
 """
 
 from __future__ import annotations
