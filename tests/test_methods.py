@@ -224,3 +224,26 @@ def test_kl_pick_keeps_a_layer_whole_when_that_pays():
     assert pick_widths(kl, {0: 4, 1: 4}, rope=0, whole=8) == [None, 0]
     # rope values count in the cost: 4 + 2 rope each; keeping costs 8 = width 6 + 2
     assert pick_widths({0: {2: 9.0, 4: 5.0}, 1: {2: 0.1, 4: 0.05}}, {0: 4, 1: 4}, rope=2, whole=8) == [None, 2]
+
+
+@pytest.mark.parametrize("recipe", [dict(), dict(refine_target="layer", calibration_inputs="converted"),
+                                    dict(refine_target="layer")])
+def test_streams_from_the_refinement_equal_the_layer_run_again(stories, recipe):
+    """A refined layer's streams go on through the MLP only, from the attention outputs the fit computed:
+    bit for bit what running the whole converted (or source) layer again gives."""
+    from converters import calibration as calib
+    from converters.convert import _propagate, convert_layer, latent_widths
+    from converters.importers.hf import SourceModel
+
+    source = SourceModel(stories)
+    opts = ConvertOptions(rope_mode="full", kv_ratio=0.25, method="activation", refine_steps=5, **recipe)
+    h = calib.embed(source, torch.randint(0, source.dims.vocab_size, (6, 32), generator=torch.Generator().manual_seed(0)))
+    streams = {kind: h + 0.1 * torch.randn(h.shape, generator=torch.Generator().manual_seed(1)) * (kind == "converted")
+               for kind in calibration_streams(opts, h)}  # after layer 0 the converted stream has drifted
+    layer, tensors, after_attention = convert_layer(1, latent_widths(opts, source.dims, source.qk_norm)[1], opts, source, streams)
+    assert set(after_attention) >= set(streams)
+    for kind, hidden in streams.items():
+        reused = _propagate(1, hidden, layer, tensors, opts, source, converted=kind == "converted",
+                            after_attention=after_attention[kind])
+        torch.testing.assert_close(reused, _propagate(1, hidden, layer, tensors, opts, source, converted=kind == "converted"),
+                                   rtol=0, atol=0)

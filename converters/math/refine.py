@@ -67,12 +67,6 @@ def error_of(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return (outputs - targets).pow(2).sum().item() / max(targets.pow(2).sum().item(), 1e-30)
 
 
-def relative_error(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, targets: torch.Tensor,
-                   chunk: int = 8) -> float:
-    """E of ``predict`` over all sequences (no gradient)."""
-    return error_of(predictions(predict, inputs, chunk), targets)
-
-
 def fit_to_outputs(
     predict: Callable[[torch.Tensor], torch.Tensor],
     params: list[nn.Parameter],

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from converters.math.refine import fit_to_outputs, mixed_precision, relative_error
+from converters.math.refine import error_of, fit_to_outputs, mixed_precision, predictions
 
 N, L, D, R = 6, 12, 16, 4
 
@@ -40,14 +40,15 @@ def test_fit_lowers_the_output_error_from_a_perturbed_start():
     params = [student.A, student.Bk, student.Bv]
     report = fit_to_outputs(student, params, x, y, steps=300, lr=1e-2, batch=3)
     assert report.error_after < 0.3 * report.error_before, report
-    assert abs(report.error_after - relative_error(student, x, y)) < 1e-6  # the parameters it reports on
+    assert abs(report.error_after - error_of(predictions(student, x), y)) < 1e-6  # the parameters it reports on
+    torch.testing.assert_close(report.outputs, predictions(student, x), rtol=0, atol=0)  # and their outputs
 
 
 def test_an_exact_start_stays_exact():
     x, y, (A, Bk, Bv, Wq), _ = _problem(1)
     student = TinyAttention(A, Bk, Bv, Wq)
     report = fit_to_outputs(student, [student.A, student.Bk, student.Bv], x, y, steps=50, lr=1e-2, batch=3)
-    assert report.error_before == report.error_after == relative_error(student, x, y) < 1e-12
+    assert report.error_before == report.error_after == error_of(predictions(student, x), y) < 1e-12
     torch.testing.assert_close(student.A.detach(), A, rtol=0, atol=0)
 
 
