@@ -215,7 +215,7 @@ def _pair_norms(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def run_feed_forward(module: DecoderLayer, after_attention: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """The second half of one layer: residual states after its attention [N, L, D] -> the layer's output."""
-    return torch.cat([module.feed_forward(after_attention[s : s + chunk]) for s in range(0, after_attention.shape[0], chunk)])
+    return predictions(module.feed_forward, after_attention, chunk)
 
 
 @torch.no_grad()

@@ -212,9 +212,9 @@ def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceMo
                after_attention: torch.Tensor | None = None):
     """Hidden states for layer i+1: through the converted layer i, or the source's. Given the stream
     after the layer's attention (the refinement's), only the MLP runs: it is the same in both."""
-    module = _converted_module(i, layer, tensors, opts, source) if converted else calib.source_layer_module(source, i)
     if after_attention is not None:
-        return calib.run_feed_forward(module, after_attention)
+        return calib.run_feed_forward(calib.source_layer_module(source, i), after_attention)
+    module = _converted_module(i, layer, tensors, opts, source) if converted else calib.source_layer_module(source, i)
     return calib.run_layer(module, hidden)
 
 
