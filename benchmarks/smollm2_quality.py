@@ -166,8 +166,9 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
        for steps in (1200, 1500)},
     "full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-seed1": (
         {**GROUPED_BF16, "refine_steps": 1500, "calibration_seed": 1}, HALF),
-    # the same refinement time in steps of 2 sequences instead of 4: twice the steps for about the same seconds per
-    # layer (a per-layer screen on layers 3 and 15 gave 4-9% less error on held-out C4 sequences), at both seeds
+    # about the same refinement time in steps of 2 sequences instead of 4, at both seeds: twice the steps gave layers 3
+    # and 15 a lower error on held-out text (benchmarks/refine_settings.py), but the whole conversion scores worse
+    # (results/smollm2_quality_c4_batch2.md)
     **{f"full-3groups-rootcov-refined-model-3000-qo-512seq-lr3e-3-bf16-batch2{suffix}": (
         {**GROUPED_BF16, "refine_steps": 3000, "refine_batch": 2, "calibration_seed": seed}, HALF)
        for seed, suffix in ((0, ""), (1, "-seed1"))},
