@@ -15,7 +15,7 @@ worse (``results/smollm2_quality_c4_batch2.md``).
 Layout and calibration are the grouped recipe's (one latent per KV head, 50% cache, 512 C4
 sequences of 256 tokens, q/o free, bfloat16 steps); settings vary steps and sequences per step.
 
-    python benchmarks/refine_settings.py        # -> results/refine_settings_smollm2.md (~8 min on 2 cores)
+    python benchmarks/refine_settings.py        # -> results/refine_settings_smollm2.md (~9 min on 2 cores)
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from converters.convert import ConvertOptions, _convert_attention, calibration_t
 from converters.importers.hf import SourceModel
 from converters.importers.smollm2 import smollm2_hf
 from converters.options import C4_ONLY_CALIBRATION, DEFAULT_CALIBRATION_TEXTS
+from smollm2_quality import GROUPED_BF16
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GROUPED = dict(rope_mode="full", latent_groups=3, method="activation", preconditioner="root_covariance",
-               refine_params="attention", refine_precision="bfloat16", kv_ratio=0.5, calibration_samples=512,
-               **C4_ONLY_CALIBRATION)
+# the grouped recipe of smollm2_quality.py at a 50% cache, calibrated on C4 alone; its steps, lr and
+# target give way to SETTINGS and the symmetric target below
+GROUPED = {**GROUPED_BF16, **C4_ONLY_CALIBRATION, "kv_ratio": 0.5}
 HELD_OUT = 64  # sequences per held-out text, never fitted to
 # (steps, sequences per step, Adam learning rate): the grouped recipe's 1500 x 4, then about the same
 # refinement time spent on smaller steps
@@ -55,12 +56,13 @@ def held_out_texts(source: SourceModel, opts: ConvertOptions) -> tuple[torch.Ten
                                                 "WikiText-2 valid": calib.embed(source, wiki)}
 
 
-def refine(source, i, hidden, held: dict, layer, tensors, bias: bool, steps: int, batch: int, lr: float) -> dict:
+def refine(source, i, hidden, held: dict, layer, tensors, opts: ConvertOptions, steps: int, batch: int, lr: float) -> dict:
     """Layer i refined from the closed form ``tensors``: E before and after on the calibration
     inputs, after on each held-out text, and the refinement's seconds."""
-    t0 = time.perf_counter()
+    t0, bias = time.perf_counter(), has_bias(opts, source)
     fitted, fit, _ = calib.refine_latent_layer(source, i, hidden, layer, dict(tensors), bias, steps=steps, lr=lr,
-                                               batch=batch, params="attention", seed=i, precision="bfloat16")
+                                               batch=batch, params=opts.refine_params, seed=i,
+                                               precision=opts.refine_precision)
     seconds = time.perf_counter() - t0
     checks = {text: calib.refine_latent_layer(source, i, h, layer, fitted, bias, steps=0, lr=lr, batch=batch)[1]
               for text, h in held.items()}  # steps=0: E only
@@ -86,7 +88,7 @@ def main() -> None:
             tensors = complete_biases(layer, tensors, opts, source)
             for n, (steps, batch, lr) in enumerate(SETTINGS, 1):
                 r = dict(layer=i, steps=steps, batch=batch, lr=lr,
-                         **refine(source, i, hidden, held, layer, tensors, has_bias(opts, source), steps, batch, lr))
+                         **refine(source, i, hidden, held, layer, tensors, opts, steps, batch, lr))
                 rows.append(r)
                 logging.info("layer %d, setting %d/%d (%d x %d, lr %g): E %.4f -> %.4f, held out %s, %.1f s",
                              i, n, len(SETTINGS), steps, batch, lr, r["before"], r["after"],
