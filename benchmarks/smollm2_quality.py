@@ -172,6 +172,14 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     **{f"full-3groups-rootcov-refined-model-3000-qo-512seq-lr3e-3-bf16-batch2{suffix}": (
         {**GROUPED_BF16, "refine_steps": 3000, "refine_batch": 2, "calibration_seed": seed}, HALF)
        for seed, suffix in ((0, ""), (1, "-seed1"))},
+    # the centred closed form on one latent per KV head (--centred: the calibration inputs' mean leaves the latent
+    # for up-projection biases, so the bias-free source gains q, k and v biases, which the refinement fits too): a
+    # screen at 300 steps beside the row without it, then the 1500-step recipe at both seeds
+    "full-3groups-rootcov-refined-model-300-qo-centred": (dict(rope_mode="full", latent_groups=3, **MODEL_QO, centred=True),
+                                                          HALF),
+    **{f"full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-centred{suffix}": (
+        {**GROUPED_BF16, "refine_steps": 1500, "centred": True, "calibration_seed": seed}, HALF)
+       for seed, suffix in ((0, ""), (1, "-seed1"))},
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
