@@ -174,7 +174,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
        for seed, suffix in ((0, ""), (1, "-seed1"))},
     # the centred closed form on one latent per KV head (--centred: the calibration inputs' mean leaves the latent
     # for up-projection biases, so the bias-free source gains q, k and v biases, which the refinement fits too): a
-    # screen at 300 steps beside the row without it, then the 1500-step recipe at both seeds
+    # screen at 300 steps beside the row without it, then the 1500-step recipe at both seeds: a little better at 300
+    # steps, but at 1500 worse at seed 0 and barely better at seed 1 (results/smollm2_quality_c4_centred.md)
     "full-3groups-rootcov-refined-model-300-qo-centred": (dict(rope_mode="full", latent_groups=3, **MODEL_QO, centred=True),
                                                           HALF),
     **{f"full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-centred{suffix}": (
