@@ -115,6 +115,7 @@ FULL_LEVERS = {
        for steps in (900, 1200)},
 }
 CALIBRATION_SEEDS = (1, 2)
+GROUPED_SEEDS = ((0, ""), (1, "-seed1"))  # (calibration seed, row-name suffix): grouped levers are judged on both draws
 FAST_LAYOUTS = {"shared32": dict(rope_mode="shared", rope_pairs=32), "full-3groups": dict(rope_mode="full", latent_groups=3)}
 GROUPED_BF16 = {**FAST_LAYOUTS["full-3groups"], **MODEL_QO, **FULL_LEVERS["1200-qo-512seq-lr3e-3"][0],
                 "refine_precision": "bfloat16"}  # one latent per KV head, 512 C4 sequences, bfloat16 steps
@@ -171,7 +172,7 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     # (results/smollm2_quality_c4_batch2.md)
     **{f"full-3groups-rootcov-refined-model-3000-qo-512seq-lr3e-3-bf16-batch2{suffix}": (
         {**GROUPED_BF16, "refine_steps": 3000, "refine_batch": 2, "calibration_seed": seed}, HALF)
-       for seed, suffix in ((0, ""), (1, "-seed1"))},
+       for seed, suffix in GROUPED_SEEDS},
     # the centred closed form on one latent per KV head (--centred: the calibration inputs' mean leaves the latent
     # for up-projection biases, so the bias-free source gains q, k and v biases, which the refinement fits too): a
     # screen at 300 steps beside the row without it, then the 1500-step recipe at both seeds: a little better at 300
@@ -180,7 +181,7 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
                                                           HALF),
     **{f"full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-centred{suffix}": (
         {**GROUPED_BF16, "refine_steps": 1500, "centred": True, "calibration_seed": seed}, HALF)
-       for seed, suffix in ((0, ""), (1, "-seed1"))},
+       for seed, suffix in GROUPED_SEEDS},
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
