@@ -182,6 +182,10 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     **{f"full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-centred{suffix}": (
         {**GROUPED_BF16, "refine_steps": 1500, "centred": True, "calibration_seed": seed}, HALF)
        for seed, suffix in GROUPED_SEEDS},
+    # the block objective (--refine-objective block: the fit compares the whole layer's output, through the source's
+    # frozen MLP, instead of the attention's): a screen at 300 steps beside the 300-step row above
+    "full-3groups-rootcov-refined-model-300-qo-block": (
+        dict(rope_mode="full", latent_groups=3, **MODEL_QO, refine_objective="block"), HALF),
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
@@ -346,7 +350,7 @@ def main() -> None:
             "to `-3000` run 300 to 3000 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
             "(`-128seq` to `-1000seq` on 128 to 1000, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-bf16` runs the refinement's steps in bfloat16 mixed precision "
-            "(`--refine-precision bfloat16`; every other row in float32), `-batch2` takes 2 calibration sequences per Adam step instead of 4, `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
+            "(`--refine-precision bfloat16`; every other row in float32), `-batch2` takes 2 calibration sequences per Adam step instead of 4, `-block` fits the whole layer's output through the source's frozen MLP instead of the attention's (`--refine-objective block`), `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
             "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",

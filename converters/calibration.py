@@ -121,17 +121,20 @@ REFINED_PARAMETERS = {
 def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
                         batch: int, params: str = "latent", seed: int = 0, device: str = "cpu", precision: str = "float32",
-                        reference: torch.Tensor | None = None
+                        reference: torch.Tensor | None = None, objective: str = "attention"
                         ) -> tuple[dict[str, torch.Tensor], FitReport, dict[str, torch.Tensor]]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
     states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU),
-    the fit's report and the residual streams after layer i's attention, which the fit has computed
-    anyway (CPU, float32): "converted" = h + o(h) with the returned tensors, "original" = h_src +
-    o_src(h_src) (h_src = ``reference``, else ``hidden``). Propagating them needs only the MLP.
+    the fit's report and the residual streams after layer i, from the outputs the fit has computed
+    anyway (CPU, float32): "converted" = f(h + o(h)) with the returned tensors, "original" =
+    f(h_src + o_src(h_src)) (f: the source layer's MLP half; h_src = ``reference``, else ``hidden``).
 
     ``reference``: the source model's own hidden states entering layer i, when ``hidden`` are the
     converted model's. The target is then the source's residual stream after the attention, less
     the converted stream: o(h) ~ o_src(h_src) + (h_src - h) (``--refine-target model``).
+    ``objective``: "attention" compares those attention outputs; "block" (``--refine-objective``)
+    compares what the whole layer adds, f(h + o(h)) - h ~ f(h_src + o_src(h_src)) - h, through the
+    frozen MLP.
     ``precision``: ``--refine-precision`` (:func:`converters.math.refine.mixed_precision`).
     """
     hidden = hidden.to(device)
@@ -143,24 +146,30 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
         x = rms_norm(h, norm_w, source.rms_norm_eps)
         return attention(x, positions.expand(h.shape[0], -1), None, None, "expand")
 
-    src_spec = single_layer_spec(source, fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(source.dims.head_dim)))
-    src_tensors = {n.removeprefix(f"model.layers.{i}.self_attn."): source.tensor(n, torch.float32)
-                   for n in source.layer_names(i) if ".self_attn." in n}
-    teacher = attention_module(source, src_spec, src_tensors, torch.float32).to(device)
-    source_out = predictions(lambda h: attend(teacher, h), reference)
-    targets = source_out + (reference - hidden)  # o_src(h_src), unless fitting to the source model's stream
+    source_layer = source_layer_module(source, i).to(device).requires_grad_(False)  # its MLP half f is both models'
+    source_after = reference + predictions(lambda h: attend(source_layer.self_attn, h), reference)  # h_src + o_src(h_src)
+    if objective == "block":
+        source_after = predictions(source_layer.feed_forward, source_after)
+    targets = source_after - hidden  # o_src(h), unless fitting to the source model's stream
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():
         p.requires_grad_(False)
     for p in chosen:
         p.requires_grad_(True)
+
+    def predict(hb):  # what the layer (block) or its attention adds to the stream hb
+        return source_layer.feed_forward(hb + attend(student, hb)) - hb if objective == "block" else attend(student, hb)
+
     with torch.enable_grad():
-        report = fit_to_outputs(lambda hb: attend(student, hb), chosen, hidden, targets, steps=steps, lr=lr, batch=batch,
+        report = fit_to_outputs(predict, chosen, hidden, targets, steps=steps, lr=lr, batch=batch,
                                 seed=seed, autocast=mixed_precision(precision, device))
     fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
-    after_attention = {"converted": (hidden + report.outputs).cpu(), "original": (reference + source_out).cpu()}
-    return {n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report, after_attention
+    after_layer = {"converted": hidden + report.outputs, "original": source_after}
+    if objective == "attention":  # the streams so far are after the attention
+        after_layer = {kind: predictions(source_layer.feed_forward, h) for kind, h in after_layer.items()}
+    return ({n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report,
+            {kind: h.cpu() for kind, h in after_layer.items()})
 
 
 @torch.no_grad()
@@ -210,12 +219,6 @@ def _pair_norms(x: torch.Tensor) -> torch.Tensor:
     n_f = x.shape[-1] // 2
     x = x.to(torch.float64)
     return (x[..., :n_f].pow(2) + x[..., n_f:].pow(2)).sqrt()
-
-
-@torch.no_grad()
-def run_feed_forward(module: DecoderLayer, after_attention: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """The second half of one layer: residual states after its attention [N, L, D] -> the layer's output."""
-    return predictions(module.feed_forward, after_attention, chunk)
 
 
 @torch.no_grad()

@@ -118,7 +118,7 @@ def convert(
             log.info("%s rank allocation: latent widths %s", opts.rank_allocation, widths)
         bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
         for i in bar:
-            layer, tensors, after_attention = convert_layer(i, widths[i], opts, source, streams, cached_stats.pop(i, None))
+            layer, tensors, after_layer = convert_layer(i, widths[i], opts, source, streams, cached_stats.pop(i, None))
             layers.append(layer)
             prefix = f"model.layers.{i}."
             for name in source.layer_names(i):
@@ -127,8 +127,8 @@ def convert(
             for name, t in tensors.items():
                 writer.add(prefix + "self_attn." + name, t.to(out_dtype))
             if i + 1 < dims.num_hidden_layers:
-                streams = {kind: _propagate(i, h, layer, tensors, opts, source, converted=kind == "converted",
-                                            after_attention=after_attention.get(kind))
+                streams = {kind: after_layer[kind] if kind in after_layer else
+                           _propagate(i, h, layer, tensors, opts, source, converted=kind == "converted")
                            for kind, h in streams.items()}
         writer.close()
         spec = _spec(source, opts, layers)
@@ -172,21 +172,21 @@ def calibration_streams(opts: ConvertOptions, embedded: torch.Tensor | None) -> 
 
 def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel, streams: dict, stats=None):
     """Layer i converted (closed form, then refined), from the calibration ``streams`` entering it:
-    (layer spec, tensors, the streams after its attention where the refinement computed them)."""
+    (layer spec, tensors, the streams after the layer where the refinement computed them)."""
     hidden = streams.get(opts.calibration_inputs)
     layer, tensors = _convert_attention(i, width, opts, source, hidden, stats)
     tensors = complete_biases(layer, tensors, opts, source)
     if opts.refine_steps > 0 and isinstance(layer, fmt.LatentLayer):
         student, reference = ((streams["converted"], streams["original"]) if opts.refine_target == "model"
                               else (hidden, None))
-        tensors, fit, after_attention = calib.refine_latent_layer(
+        tensors, fit, after_layer = calib.refine_latent_layer(
             source, i, student, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
             batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i,
             device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"),
-            precision=opts.refine_precision, reference=reference)
-        log.info("layer %d: attention output error %.4f -> %.4f (%d refinement steps in %s, %.1f s)",
-                 i, fit.error_before, fit.error_after, fit.steps, fit.precision, fit.seconds)
-        return layer, tensors, after_attention
+            precision=opts.refine_precision, reference=reference, objective=opts.refine_objective)
+        log.info("layer %d: %s output error %.4f -> %.4f (%d refinement steps in %s, %.1f s)", i,
+                 opts.refine_objective, fit.error_before, fit.error_after, fit.steps, fit.precision, fit.seconds)
+        return layer, tensors, after_layer
     return layer, tensors, {}
 
 
@@ -208,12 +208,8 @@ def _convert_attention(i: int, width: int, opts: ConvertOptions, source: SourceM
     return build_latent_layer(src, plan, dims, methods.make_factorizer(opts, stats, src, plan, dims), input_mean=mean)
 
 
-def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel, *, converted: bool,
-               after_attention: torch.Tensor | None = None):
-    """Hidden states for layer i+1: through the converted layer i, or the source's. Given the stream
-    after the layer's attention (the refinement's), only the MLP runs: it is the same in both."""
-    if after_attention is not None:
-        return calib.run_feed_forward(calib.source_layer_module(source, i), after_attention)
+def _propagate(i, hidden, layer, tensors, opts: ConvertOptions, source: SourceModel, *, converted: bool):
+    """Hidden states for layer i+1: through the converted layer i, or the source's."""
     module = _converted_module(i, layer, tensors, opts, source) if converted else calib.source_layer_module(source, i)
     return calib.run_layer(module, hidden)
 

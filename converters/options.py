@@ -132,6 +132,12 @@ class ConvertOptions(CommandOptions):
                              "(GPTAQ's asymmetric calibration); layer: the source layer's attention output on the "
                              "hidden states the layer is fed (--calibration-inputs)",
         json_schema_extra=_cli("refinement"))
+    refine_objective: Literal["attention", "block"] = Field(
+        "attention", description="what the fit compares: attention, the attention's output (what the residual stream "
+                                 "receives); block, the whole decoder layer's output, attention then the source's "
+                                 "frozen MLP, so the fit weighs each error as the MLP passes it on (AutoRound's and "
+                                 "OmniQuant's block reconstruction; the steps cost more)",
+        json_schema_extra=_cli("refinement"))
     refine_device: str | None = Field(None, description="torch device of the refinement, e.g. cuda:0 (default: cuda "
                                                         "when available, else cpu; the closed forms run on the CPU in "
                                                         "float64)", json_schema_extra=_cli("refinement"))
@@ -223,6 +229,7 @@ class ConvertOptions(CommandOptions):
         method = self.method + (f" ({self.preconditioner}{', centred + bias update' if self.centred else ''})"
                                 if self.method == "activation" else "")
         target = "the source model's stream" if self.refine_target == "model" else "each source layer's output"
+        target += " after the MLP" if self.refine_objective == "block" else ""
         refined = (f", refinement of the {self.refine_params} projections to {target}, {self.refine_steps} steps/layer"
                    if self.refine_steps else "")
         texts = (", calibrated on " + " + ".join(p.name for p in self.calibration_paths())) if self.needs_calibration() else ""
