@@ -183,9 +183,12 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
         {**GROUPED_BF16, "refine_steps": 1500, "centred": True, "calibration_seed": seed}, HALF)
        for seed, suffix in GROUPED_SEEDS},
     # the block objective (--refine-objective block: the fit compares the whole layer's output, through the source's
-    # frozen MLP, instead of the attention's): a screen at 300 steps beside the 300-step row above
+    # frozen MLP, instead of the attention's): a screen at 300 steps beside the 300-step row above (and beside the
+    # 600-step row, which takes about the same time); and the joint latent's default recipe at 25%, where more steps
+    # no longer help
     "full-3groups-rootcov-refined-model-300-qo-block": (
         dict(rope_mode="full", latent_groups=3, **MODEL_QO, refine_objective="block"), HALF),
+    "full-rootcov-refined-model-300-qo-block": (dict(rope_mode="full", **MODEL_QO, refine_objective="block"), (0.25,)),
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (

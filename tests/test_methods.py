@@ -187,6 +187,19 @@ def test_model_target_refinement_beats_the_layer_target(stories, windows, tmp_pa
     assert model < layer, (layer, model)
 
 
+def test_block_objective_refines_and_leaves_exact_layers_exact(stories, windows, tmp_path):
+    """--refine-objective block fits what the whole layer adds, through the source's frozen MLP: it
+    must improve on the closed form as the attention objective does, and move nothing at full rank."""
+    kw = dict(rope_mode="full", rank=16, method="activation")  # a 25% cache
+    closed_form = _ppl(_convert(stories, tmp_path / "closed", **kw), windows)
+    block = _ppl(_convert(stories, tmp_path / "block", refine_steps=60, refine_objective="block", **kw), windows)
+    print(f"stories260K full RoPE, 25% cache: closed form {closed_form:.2f}, refined to the block's output {block:.2f}")
+    assert block < 0.85 * closed_form, (block, closed_form)
+    exact = _convert(stories, tmp_path / "exact", rope_mode="full", kv_ratio=1.0, method="activation", refine_steps=20,
+                     refine_objective="block")
+    torch.testing.assert_close(load_latent(exact)(IDS).logits, load_hf(stories)(IDS).logits, atol=1e-4, rtol=0)
+
+
 def test_calibration_streams_are_those_the_recipe_reads():
     """The converted model's stream is carried beside the source's only when something reads it: the
     model-target refinement (the student's input) or --calibration-inputs converted."""

@@ -25,8 +25,12 @@ model's hidden states h and asks for the source model's own residual stream afte
 
     E(theta) = sum ||o_theta(h) - [o_src(h_src) + (h_src - h)]||^2 / sum ||o_src(h_src) + (h_src - h)||^2,
 
-so each layer also cancels what the layers before it left in the stream. This file sees only
-``predict`` and fixed ``targets``; ``converters.calibration.refine_latent_layer`` builds them.
+so each layer also cancels what the layers before it left in the stream. Both compare the
+attention's output; ``--refine-objective block`` compares what the whole decoder layer adds
+instead, f(h + o_theta(h)) - h against f(h_src + o_src(h_src)) - h with f the source's frozen MLP
+half (the block reconstruction of AutoRound and OmniQuant), so an error counts as much as the MLP
+passes it on to the next layers. This file sees only ``predict`` and fixed ``targets``;
+``converters.calibration.refine_latent_layer`` builds them.
 
 Mixed precision (``--refine-precision``): the steps' forward and backward passes may run under
 bfloat16 autocast, as AutoRound's layer-wise tuning does by default, while the parameters, Adam's
