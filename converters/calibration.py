@@ -150,7 +150,7 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     source_after = reference + predictions(lambda h: attend(source_layer.self_attn, h), reference)  # h_src + o_src(h_src)
     if objective == "block":
         source_after = predictions(source_layer.feed_forward, source_after)
-    targets = source_after - hidden  # o_src(h), unless fitting to the source model's stream
+    targets = source_after - hidden  # what the source adds to h, plus h_src - h when fitting to its own stream
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():

@@ -136,7 +136,7 @@ class ConvertOptions(CommandOptions):
         "attention", description="what the fit compares: attention, the attention's output (what the residual stream "
                                  "receives); block, the whole decoder layer's output, attention then the source's "
                                  "frozen MLP, so the fit weighs each error as the MLP passes it on (AutoRound's and "
-                                 "OmniQuant's block reconstruction; the steps cost more)",
+                                 "OmniQuant's block reconstruction; a step costs about twice as much)",
         json_schema_extra=_cli("refinement"))
     refine_device: str | None = Field(None, description="torch device of the refinement, e.g. cuda:0 (default: cuda "
                                                         "when available, else cpu; the closed forms run on the CPU in "
