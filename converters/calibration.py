@@ -147,10 +147,12 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
         return attention(x, positions.expand(h.shape[0], -1), None, None, "expand")
 
     source_layer = source_layer_module(source, i).to(device).requires_grad_(False)  # its MLP half f is both models'
-    source_after = reference + predictions(lambda h: attend(source_layer.self_attn, h), reference)  # h_src + o_src(h_src)
+    source_out = predictions(lambda h: attend(source_layer.self_attn, h), reference)  # o_src(h_src)
+    source_after = reference + source_out
     if objective == "block":
         source_after = predictions(source_layer.feed_forward, source_after)
-    targets = source_after - hidden  # what the source adds to h, plus h_src - h when fitting to its own stream
+        source_out = source_after - reference  # what the whole layer adds
+    targets = source_out + (reference - hidden)  # unless fitting to the source model's stream, h_src = h
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():
