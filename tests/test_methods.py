@@ -163,16 +163,19 @@ def test_cli_nope_scaling_flag():
     assert options_from_args(parser.parse_args(["--rank", "8"])).nope_scaling == "none"
 
 
-def test_refinement_lowers_perplexity_and_leaves_exact_layers_exact(stories, windows, tmp_path):
-    """Fitting the latent factors to the source attention's output (converters/math/refine.py)."""
+@pytest.mark.parametrize("objective", ["attention", "block"])
+def test_refinement_lowers_perplexity_and_leaves_exact_layers_exact(stories, windows, tmp_path, objective):
+    """Fitting the latent factors to the source attention's output (converters/math/refine.py), or with
+    --refine-objective block to what the whole layer adds through the source's frozen MLP."""
     kw = dict(rope_mode="full", rank=16, method="activation")  # a 25% cache
     closed_form = _ppl(_convert(stories, tmp_path / "closed", **kw), windows)
-    refined_dir = _convert(stories, tmp_path / "refined", refine_steps=60, **kw)
+    refined_dir = _convert(stories, tmp_path / "refined", refine_steps=60, refine_objective=objective, **kw)
     refined = _ppl(refined_dir, windows)
-    print(f"stories260K full RoPE, 25% cache: closed form {closed_form:.2f}, refined {refined:.2f}")
+    print(f"stories260K full RoPE, 25% cache: closed form {closed_form:.2f}, refined ({objective}) {refined:.2f}")
     assert refined < 0.85 * closed_form, (refined, closed_form)
     assert json.loads((refined_dir / "config.json").read_text())["latent_kv"]["method"]["params"]["refine_steps"] == 60
-    exact = _convert(stories, tmp_path / "exact", rope_mode="full", kv_ratio=1.0, method="activation", refine_steps=20)
+    exact = _convert(stories, tmp_path / "exact", rope_mode="full", kv_ratio=1.0, method="activation", refine_steps=20,
+                     refine_objective=objective)
     torch.testing.assert_close(load_latent(exact)(IDS).logits, load_hf(stories)(IDS).logits, atol=1e-4, rtol=0)
 
 
@@ -185,19 +188,6 @@ def test_model_target_refinement_beats_the_layer_target(stories, windows, tmp_pa
     model = _ppl(_convert(stories, tmp_path / "model", refine_target="model", **kw), windows)
     print(f"stories260K full RoPE, 25% cache, refined to the layer's output {layer:.3f}, to the model's stream {model:.3f}")
     assert model < layer, (layer, model)
-
-
-def test_block_objective_refines_and_leaves_exact_layers_exact(stories, windows, tmp_path):
-    """--refine-objective block fits what the whole layer adds, through the source's frozen MLP: it
-    must improve on the closed form as the attention objective does, and move nothing at full rank."""
-    kw = dict(rope_mode="full", rank=16, method="activation")  # a 25% cache
-    closed_form = _ppl(_convert(stories, tmp_path / "closed", **kw), windows)
-    block = _ppl(_convert(stories, tmp_path / "block", refine_steps=60, refine_objective="block", **kw), windows)
-    print(f"stories260K full RoPE, 25% cache: closed form {closed_form:.2f}, refined to the block's output {block:.2f}")
-    assert block < 0.85 * closed_form, (block, closed_form)
-    exact = _convert(stories, tmp_path / "exact", rope_mode="full", kv_ratio=1.0, method="activation", refine_steps=20,
-                     refine_objective="block")
-    torch.testing.assert_close(load_latent(exact)(IDS).logits, load_hf(stories)(IDS).logits, atol=1e-4, rtol=0)
 
 
 def test_calibration_streams_are_those_the_recipe_reads():
