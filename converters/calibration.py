@@ -150,9 +150,10 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     source_out = predictions(lambda h: attend(source_layer.self_attn, h), reference)  # o_src(h_src)
     source_after = reference + source_out
     if objective == "block":
-        source_after = predictions(source_layer.feed_forward, source_after)
-        source_out = source_after - reference  # what the whole layer adds
-    targets = source_out + (reference - hidden)  # unless fitting to the source model's stream, h_src = h
+        source_out = predictions(source_layer.feed_forward, source_after, out=source_after).sub(reference)  # the whole layer's
+    targets = source_out  # h_src = h unless fitting to the source model's stream: then o_src + (h_src - h)
+    if reference is not hidden:  # in place, and a + b == b + a exactly: the targets of the out-of-place sum
+        targets = torch.sub(reference, hidden).add_(source_out)
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
     for p in student.parameters():
@@ -168,8 +169,8 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
                                 seed=seed, autocast=mixed_precision(precision, device))
     fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
     after_layer = {"converted": hidden + report.outputs, "original": source_after}
-    if objective == "attention":  # the streams so far are after the attention
-        after_layer = {kind: predictions(source_layer.feed_forward, h) for kind, h in after_layer.items()}
+    if objective == "attention":  # the streams so far are after the attention: on through the MLP, in place
+        after_layer = {kind: predictions(source_layer.feed_forward, h, out=h) for kind, h in after_layer.items()}
     return ({n: fitted[n] if n in fitted else t for n, t in tensors.items()}, report,
             {kind: h.cpu() for kind, h in after_layer.items()})
 

@@ -61,14 +61,26 @@ class FitReport:
 
 
 @torch.no_grad()
-def predictions(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk: int = 8) -> torch.Tensor:
-    """predict(x) for every sequence of ``inputs``, in chunks."""
-    return torch.cat([predict(inputs[s : s + chunk]) for s in range(0, inputs.shape[0], chunk)])
+def predictions(predict: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, chunk: int = 8,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """predict(x) for every sequence of ``inputs``, in chunks, written into ``out`` (a new tensor
+    by default; ``inputs`` itself to update the streams in place: each chunk is read before it is
+    overwritten). Calibration streams are hundreds of MB: one output tensor, no concatenation."""
+    for s in range(0, inputs.shape[0], chunk):
+        y = predict(inputs[s : s + chunk])
+        if out is None:
+            out = y.new_empty((inputs.shape[0], *y.shape[1:]))
+        out[s : s + chunk] = y
+    return out
 
 
-def error_of(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """E = sum ||o - y||^2 / sum ||y||^2."""
-    return (outputs - targets).pow(2).sum().item() / max(targets.pow(2).sum().item(), 1e-30)
+@torch.no_grad()
+def error_of(outputs: torch.Tensor, targets: torch.Tensor, chunk: int = 8) -> float:
+    """E = sum ||o - y||^2 / sum ||y||^2, summed in float64 chunk by chunk (no full-size temporaries)."""
+    squared = lambda t: t.pow(2).sum(dtype=torch.float64)  # noqa: E731
+    spans = [slice(s, s + chunk) for s in range(0, targets.shape[0], chunk)]
+    error = sum(squared(outputs[s] - targets[s]) for s in spans)
+    return float(error / max(sum(squared(targets[s]) for s in spans), 1e-30))
 
 
 def fit_to_outputs(
