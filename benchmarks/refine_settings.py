@@ -13,15 +13,19 @@ A lower held-out E is a lead, not a perplexity: 3000 steps of 2 sequences reache
 worse (``results/smollm2_quality_c4_batch2.md``).
 
 Layout and calibration are the grouped recipe's (one latent per KV head, 50% cache, 512 C4
-sequences of 256 tokens, q/o free, bfloat16 steps); settings vary steps and sequences per step.
+sequences of 256 tokens, q/o free, bfloat16 steps); settings vary steps, sequences per step and
+the learning rate.
 
     python benchmarks/refine_settings.py        # -> results/refine_settings_smollm2.md (~9 min on 2 cores)
+    python benchmarks/refine_settings.py --settings 1500x4@3e-3 1000x4@3e-3 1000x4@6e-3 1000x4@1e-2 \
+        --out benchmarks/results/refine_settings_lr_smollm2.md    # fewer steps at a higher rate
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -41,8 +45,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GROUPED = {**GROUPED_BF16, **C4_ONLY_CALIBRATION, "kv_ratio": 0.5}
 HELD_OUT = 64  # sequences per held-out text, never fitted to
 # (steps, sequences per step, Adam learning rate): the grouped recipe's 1500 x 4, then about the same
-# refinement time spent on smaller steps
+# refinement time spent on smaller steps (--settings: others, written STEPSxSEQUENCES@LR)
 SETTINGS = [(1500, 4, 3e-3), (3000, 2, 3e-3), (6000, 1, 3e-3)]
+
+
+def setting(text: str) -> tuple[int, int, float]:
+    """"1000x4@6e-3" -> (1000, 4, 0.006)."""
+    try:
+        shape, lr = text.split("@")
+        steps, batch = shape.split("x")
+        return int(steps), int(batch), float(lr)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: write a setting as STEPSxSEQUENCES@LR, e.g. 1000x4@6e-3") from None
 
 
 def held_out_texts(source: SourceModel, opts: ConvertOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -73,6 +87,8 @@ def refine(source, i, hidden, held: dict, layer, tensors, opts: ConvertOptions, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 15])
+    ap.add_argument("--settings", type=setting, nargs="+", default=SETTINGS,
+                    help="STEPSxSEQUENCES@LR each; the first is the one the others are compared with")
     ap.add_argument("--out", type=Path, default=RESULTS / "refine_settings_smollm2.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -86,12 +102,12 @@ def main() -> None:
         if i in args.layers:
             layer, tensors = _convert_attention(i, widths[i], opts, source, hidden)
             tensors = complete_biases(layer, tensors, opts, source)
-            for n, (steps, batch, lr) in enumerate(SETTINGS, 1):
+            for n, (steps, batch, lr) in enumerate(args.settings, 1):
                 r = dict(layer=i, steps=steps, batch=batch, lr=lr,
                          **refine(source, i, hidden, held, layer, tensors, opts, steps, batch, lr))
                 rows.append(r)
                 logging.info("layer %d, setting %d/%d (%d x %d, lr %g): E %.4f -> %.4f, held out %s, %.1f s",
-                             i, n, len(SETTINGS), steps, batch, lr, r["before"], r["after"],
+                             i, n, len(args.settings), steps, batch, lr, r["before"], r["after"],
                              ", ".join(f"{t} {e:.4f}" for t, e in r["held"].items()), r["seconds"])
         module = calib.source_layer_module(source, i)  # the source's layer: the next layer's inputs
         hidden = calib.run_layer(module, hidden)
@@ -100,11 +116,12 @@ def main() -> None:
 
 
 def write(out: Path, rows: list[dict], seconds: float) -> None:
+    command = " ".join(["benchmarks/refine_settings.py", *sys.argv[1:]])
     texts = list(rows[0]["held"])
     lines = [
         "# Refinement settings on SmolLM2-135M-Instruct, layer by layer",
         "",
-        f"Written by `benchmarks/refine_settings.py` in {seconds:.0f} s (2 CPU cores). One latent per KV head, 50% cache, "
+        f"Written by `{command}` in {seconds:.0f} s (2 CPU cores). One latent per KV head, 50% cache, "
         f"q/o free, bfloat16 steps; calibration {GROUPED['calibration_samples']} C4 sequences of 256 tokens (seed 0); "
         f"held out {HELD_OUT} other C4 documents drawn with them and {HELD_OUT} WikiText-2 validation sequences; each "
         "layer fed the source model's hidden states and refined from the same closed form. E = relative error of the "
