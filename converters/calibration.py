@@ -224,13 +224,7 @@ def _pair_norms(x: torch.Tensor) -> torch.Tensor:
     return (x[..., :n_f].pow(2) + x[..., n_f:].pow(2)).sqrt()
 
 
-@torch.no_grad()
 def run_layer(module: DecoderLayer, hidden: torch.Tensor, chunk: int = 8) -> torch.Tensor:
     """Move calibration hidden states [N, L, D] through one layer (full causal attention)."""
-    out = torch.empty_like(hidden)
-    L = hidden.shape[1]
-    for start in range(0, hidden.shape[0], chunk):
-        h = hidden[start : start + chunk]
-        positions = torch.arange(L).expand(h.shape[0], L)
-        out[start : start + chunk] = module(h, positions, None, None, "expand")
-    return out
+    positions = torch.arange(hidden.shape[1])
+    return predictions(lambda h: module(h, positions.expand(h.shape[0], -1), None, None, "expand"), hidden, chunk)
