@@ -121,7 +121,8 @@ REFINED_PARAMETERS = {
 def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer: fmt.LatentLayer,
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
                         batch: int, params: str = "latent", seed: int = 0, device: str = "cpu", precision: str = "float32",
-                        reference: torch.Tensor | None = None, objective: str = "attention"
+                        reference: torch.Tensor | None = None, objective: str = "attention",
+                        latent_lr_ratio: float = 1.0, beta2: float = 0.999
                         ) -> tuple[dict[str, torch.Tensor], FitReport, dict[str, torch.Tensor]]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
     states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU),
@@ -136,6 +137,7 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     compares what the whole layer adds, f(h + o(h)) - h ~ f(h_src + o_src(h_src)) - h, through the
     frozen MLP.
     ``precision``: ``--refine-precision`` (:func:`converters.math.refine.mixed_precision`).
+    ``latent_lr_ratio``, ``beta2``: ``--refine-latent-lr-ratio``, ``--refine-adam-beta2``.
     """
     hidden = hidden.to(device)
     reference = hidden if reference is None else reference.to(device)
@@ -155,18 +157,19 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     if reference is not hidden:  # in place, and a + b == b + a exactly: the targets of the out-of-place sum
         targets = torch.sub(reference, hidden).add_(source_out)
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
-    chosen = [p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])]
+    chosen = {n: p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])}
+    lr_scales = [latent_lr_ratio if n.startswith(REFINED_PARAMETERS["latent"]) else 1.0 for n in chosen]
     for p in student.parameters():
         p.requires_grad_(False)
-    for p in chosen:
+    for p in chosen.values():
         p.requires_grad_(True)
 
     def predict(hb):  # what the layer (block) or its attention adds to the stream hb
         return source_layer.feed_forward(hb + attend(student, hb)) - hb if objective == "block" else attend(student, hb)
 
     with torch.enable_grad():
-        report = fit_to_outputs(predict, chosen, hidden, targets, steps=steps, lr=lr, batch=batch,
-                                seed=seed, autocast=mixed_precision(precision, device))
+        report = fit_to_outputs(predict, list(chosen.values()), hidden, targets, steps=steps, lr=lr, batch=batch,
+                                seed=seed, autocast=mixed_precision(precision, device), lr_scales=lr_scales, beta2=beta2)
     fitted = {n: p.detach().to("cpu", torch.float64) for n, p in student.state_dict().items()}
     after_layer = {"converted": hidden + report.outputs, "original": source_after}
     if objective == "attention":  # the streams so far are after the attention: on through the MLP, in place

@@ -123,6 +123,12 @@ class ConvertOptions(CommandOptions):
     refine_lr: float = Field(1e-3, gt=0, description="Adam learning rate; the loss is in units of the relative error, so "
                                                      "one rate suits every layer", json_schema_extra=_cli("refinement"))
     refine_batch: int = Field(4, ge=1, description="calibration sequences per step", json_schema_extra=_cli("refinement"))
+    refine_latent_lr_ratio: float = Field(
+        1.0, gt=0, description="the latent factors' (kv_a/k_b/v_b) Adam rate as a multiple of --refine-lr, q_proj and "
+                               "o_proj keeping --refine-lr: the new factors start further from their optimum than the "
+                               "pretrained projections (LoRA+'s ratio)", json_schema_extra=_cli("refinement"))
+    refine_adam_beta2: float = Field(0.999, gt=0, lt=1, description="Adam's second-moment decay (beta2)",
+                                     json_schema_extra=_cli("refinement"))
     refine_params: Literal["latent", "attention"] = Field(
         "attention", description="latent: kv_a/k_b/v_b projections only; attention: also q_proj and o_proj",
         json_schema_extra=_cli("refinement"))

@@ -94,6 +94,8 @@ def fit_to_outputs(
     batch: int,
     seed: int = 0,
     autocast: torch.dtype | None = None,
+    lr_scales: list[float] | None = None,
+    beta2: float = 0.999,
 ) -> FitReport:
     """Adam on ``params`` minimising E over mini-batches of ``batch`` sequences of ``inputs`` [N, L, D].
 
@@ -102,7 +104,8 @@ def fit_to_outputs(
     against the start), so a learning rate that is too high cannot make the layer worse.
     ``autocast``: the lower precision the steps' passes run in (None: the parameters' own); E is
     always measured without it. The report keeps the last check's predictions (``outputs``), which
-    callers reuse rather than run the layer again.
+    callers reuse rather than run the layer again. ``lr_scales``: each parameter's rate as a multiple
+    of ``lr`` (default: all ``lr``); ``beta2``: Adam's second-moment decay.
     """
     t0 = time.perf_counter()
     start = [p.detach().clone() for p in params]
@@ -111,7 +114,10 @@ def fit_to_outputs(
     if steps <= 0 or before == 0.0:
         return FitReport(before, before, 0, time.perf_counter() - t0, outputs=start_outputs)
     scale = targets.pow(2).mean().clamp_min(1e-30)  # the loss in units of E, so one lr fits all layers
-    opt = torch.optim.Adam(params, lr=lr, foreach=True)
+    multiples = lr_scales or [1.0] * len(params)  # one Adam group per distinct rate
+    groups = [{"params": [p for p, m in zip(params, multiples) if m == rate], "lr": lr * rate}
+              for rate in dict.fromkeys(multiples)]
+    opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, beta2), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
     g = torch.Generator().manual_seed(seed)
     n = inputs.shape[0]

@@ -52,6 +52,19 @@ def test_an_exact_start_stays_exact():
     torch.testing.assert_close(student.A.detach(), A, rtol=0, atol=0)
 
 
+def test_each_parameter_moves_at_its_own_rate():
+    x, y, (A, Bk, Bv, Wq), g = _problem(3)
+    start = A + 0.3 * torch.randn(A.shape, generator=g), Bk + 0.3 * torch.randn(Bk.shape, generator=g)
+    moved = {}
+    for scales in ([1.0, 1.0], [1.0, 0.0], [1.0, 4.0]):
+        student = TinyAttention(start[0], start[1], Bv, Wq)
+        report = fit_to_outputs(student, [student.A, student.Bk], x, y, steps=20, lr=1e-2, batch=3, lr_scales=scales)
+        assert report.error_after < report.error_before
+        moved[scales[1]] = [(p.detach() - p0).abs().max().item() for p, p0 in zip((student.A, student.Bk), start)]
+    assert moved[0.0][1] == 0.0 < moved[1.0][1] < moved[4.0][1]  # B_k: frozen, moved, moved further
+    assert moved[0.0][0] > 0.0
+
+
 def test_a_rate_too_high_never_returns_a_worse_layer():
     x, y, (A, Bk, Bv, Wq), g = _problem(2)
     start = A + 0.05 * torch.randn(A.shape, generator=g)
