@@ -13,12 +13,15 @@ A lower held-out E is a lead, not a perplexity: 3000 steps of 2 sequences reache
 worse (``results/smollm2_quality_c4_batch2.md``).
 
 Layout and calibration are the grouped recipe's (one latent per KV head, 50% cache, 512 C4
-sequences of 256 tokens, q/o free, bfloat16 steps); settings vary steps, sequences per step and
-the learning rate.
+sequences of 256 tokens, q/o free, bfloat16 steps); settings vary steps, sequences per step, the
+learning rate, the latent factors' rate as a multiple of it (``--refine-latent-lr-ratio``) and
+Adam's beta2 (``--refine-adam-beta2``).
 
     python benchmarks/refine_settings.py        # -> results/refine_settings_smollm2.md (~9 min on 2 cores)
     python benchmarks/refine_settings.py --settings 1500x4@3e-3 1000x4@3e-3 1000x4@6e-3 1000x4@1e-2 \
         --out benchmarks/results/refine_settings_lr_smollm2.md    # fewer steps at a higher rate
+    python benchmarks/refine_settings.py --settings 1500x4@3e-3 1500x4@3e-3,latent=2 1500x4@3e-3,beta2=0.99 \
+        1500x4@3e-3,latent=2,beta2=0.99 --out benchmarks/results/refine_settings_optimizer_smollm2.md
 """
 
 from __future__ import annotations
@@ -44,19 +47,28 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # target give way to SETTINGS and the symmetric target below
 GROUPED = {**GROUPED_BF16, **C4_ONLY_CALIBRATION, "kv_ratio": 0.5}
 HELD_OUT = 64  # sequences per held-out text, never fitted to
-# (steps, sequences per step, Adam learning rate): the grouped recipe's 1500 x 4, then about the same
-# refinement time spent on smaller steps (--settings: others, written STEPSxSEQUENCES@LR)
-SETTINGS = [(1500, 4, 3e-3), (3000, 2, 3e-3), (6000, 1, 3e-3)]
+# (steps, sequences per step, Adam learning rate, latent rate ratio, Adam beta2): the grouped recipe's 1500 x 4,
+# then about the same refinement time spent on smaller steps (--settings: others, written
+# STEPSxSEQUENCES@LR[,latent=RATIO][,beta2=BETA2])
+SETTINGS = [(1500, 4, 3e-3, 1.0, 0.999), (3000, 2, 3e-3, 1.0, 0.999), (6000, 1, 3e-3, 1.0, 0.999)]
+SETTING_FORMAT = "STEPSxSEQUENCES@LR[,latent=RATIO][,beta2=BETA2], e.g. 1000x4@6e-3 or 1500x4@3e-3,latent=2,beta2=0.99"
 
 
-def setting(text: str) -> tuple[int, int, float]:
-    """"1000x4@6e-3" -> (1000, 4, 0.006)."""
+def setting(text: str) -> tuple[int, int, float, float, float]:
+    """"1500x4@3e-3,latent=2,beta2=0.99" -> (1500, 4, 0.003, 2.0, 0.99)."""
     try:
-        shape, lr = text.split("@")
+        head, *extras = text.split(",")
+        shape, lr = head.split("@")
         steps, batch = shape.split("x")
-        return int(steps), int(batch), float(lr)
+        extra = {"latent": 1.0, "beta2": 0.999}
+        for item in extras:
+            key, value = item.split("=")
+            if key not in extra:
+                raise ValueError(key)
+            extra[key] = float(value)
+        return int(steps), int(batch), float(lr), extra["latent"], extra["beta2"]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: write a setting as STEPSxSEQUENCES@LR, e.g. 1000x4@6e-3") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: write a setting as {SETTING_FORMAT}") from None
 
 
 def held_out_texts(source: SourceModel, opts: ConvertOptions) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -70,13 +82,15 @@ def held_out_texts(source: SourceModel, opts: ConvertOptions) -> tuple[torch.Ten
                                                 "WikiText-2 valid": calib.embed(source, wiki)}
 
 
-def refine(source, i, hidden, held: dict, layer, tensors, opts: ConvertOptions, steps: int, batch: int, lr: float) -> dict:
+def refine(source, i, hidden, held: dict, layer, tensors, opts: ConvertOptions, steps: int, batch: int, lr: float,
+           latent_lr_ratio: float, beta2: float) -> dict:
     """Layer i refined from the closed form ``tensors``: E before and after on the calibration
     inputs, after on each held-out text, and the refinement's seconds."""
     t0, bias = time.perf_counter(), has_bias(opts, source)
     fitted, fit, _ = calib.refine_latent_layer(source, i, hidden, layer, dict(tensors), bias, steps=steps, lr=lr,
                                                batch=batch, params=opts.refine_params, seed=i,
-                                               precision=opts.refine_precision)
+                                               precision=opts.refine_precision, latent_lr_ratio=latent_lr_ratio,
+                                               beta2=beta2)
     seconds = time.perf_counter() - t0
     checks = {text: calib.refine_latent_layer(source, i, h, layer, fitted, bias, steps=0, lr=lr, batch=batch)[1]
               for text, h in held.items()}  # steps=0: E only
@@ -88,7 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 15])
     ap.add_argument("--settings", type=setting, nargs="+", default=SETTINGS,
-                    help="STEPSxSEQUENCES@LR each; the first is the one the others are compared with")
+                    help=f"{SETTING_FORMAT}; the first is the one the others are compared with")
     ap.add_argument("--out", type=Path, default=RESULTS / "refine_settings_smollm2.md")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -102,12 +116,12 @@ def main() -> None:
         if i in args.layers:
             layer, tensors = _convert_attention(i, widths[i], opts, source, hidden)
             tensors = complete_biases(layer, tensors, opts, source)
-            for n, (steps, batch, lr) in enumerate(args.settings, 1):
-                r = dict(layer=i, steps=steps, batch=batch, lr=lr,
-                         **refine(source, i, hidden, held, layer, tensors, opts, steps, batch, lr))
+            for n, (steps, batch, lr, ratio, beta2) in enumerate(args.settings, 1):
+                r = dict(layer=i, steps=steps, batch=batch, lr=lr, ratio=ratio, beta2=beta2,
+                         **refine(source, i, hidden, held, layer, tensors, opts, steps, batch, lr, ratio, beta2))
                 rows.append(r)
-                logging.info("layer %d, setting %d/%d (%d x %d, lr %g): E %.4f -> %.4f, held out %s, %.1f s",
-                             i, n, len(args.settings), steps, batch, lr, r["before"], r["after"],
+                logging.info("layer %d, setting %d/%d (%d x %d, lr %g, latent x%g, beta2 %g): E %.4f -> %.4f, held out %s, "
+                             "%.1f s", i, n, len(args.settings), steps, batch, lr, ratio, beta2, r["before"], r["after"],
                              ", ".join(f"{t} {e:.4f}" for t, e in r["held"].items()), r["seconds"])
         module = calib.source_layer_module(source, i)  # the source's layer: the next layer's inputs
         hidden = calib.run_layer(module, hidden)
@@ -127,14 +141,15 @@ def write(out: Path, rows: list[dict], seconds: float) -> None:
         "layer fed the source model's hidden states and refined from the same closed form. E = relative error of the "
         "layer's attention output (closed form: `E before`); `/ first` = E held out over the first setting's.",
         "",
-        "| layer | steps x sequences | lr | E before | E after (calibration) | "
+        "| layer | steps x sequences | lr | latent lr x | Adam beta2 | E before | E after (calibration) | "
         + " | ".join(f"E {t} | / first" for t in texts) + " | refinement s |",
-        "|---|---|---|---|---|" + "---|---|" * len(texts) + "---|",
+        "|---|---|---|---|---|---|---|" + "---|---|" * len(texts) + "---|",
     ]
     for r in rows:
         first = next(f for f in rows if f["layer"] == r["layer"])
         held = " | ".join(f"{r['held'][t]:.4f} | {r['held'][t] / first['held'][t]:.3f}" for t in texts)
-        lines.append(f"| {r['layer']} | {r['steps']} x {r['batch']} | {r['lr']:g} | {r['before']:.4f} | {r['after']:.4f} | "
+        lines.append(f"| {r['layer']} | {r['steps']} x {r['batch']} | {r['lr']:g} | {r['ratio']:g} | {r['beta2']:g} | "
+                     f"{r['before']:.4f} | {r['after']:.4f} | "
                      f"{held} | {r['seconds']:.1f} |")
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
