@@ -54,7 +54,7 @@ class SourceModel:
         self.hf_config = self._hf_config()
         self.inv_freq = source_inv_freq(self.hf_config)
         self.reader = TensorReader(self.dir)
-        self.attention_bias = f"model.layers.0.self_attn.q_proj.bias" in self.reader
+        self.attention_bias = "model.layers.0.self_attn.q_proj.bias" in self.reader
         self.qk_norm = "model.layers.0.self_attn.q_norm.weight" in self.reader
         self.rms_norm_eps = float(self.config_dict.get("rms_norm_eps", 1e-6))
         self._check_files()
