@@ -191,7 +191,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     "full-rootcov-refined-model-300-qo-block": (dict(rope_mode="full", **MODEL_QO, refine_objective="block"), (0.25,)),
     # the latent factors at twice Adam's rate of q_proj / o_proj (--refine-latent-lr-ratio 2, LoRA+'s idea) and Adam's
     # beta2 at 0.99: together they left layers 3 and 15 about 10% closer to the source on held-out text after the
-    # same 1500 steps (results/refine_settings_optimizer_smollm2.md), at both calibration seeds
+    # same 1500 steps (a scratch layer screen), yet the whole conversion scores worse at both calibration seeds
+    # (results/smollm2_quality_c4_latent_lr.md)
     **{f"full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-latent2x-beta0.99{suffix}": (
         {**GROUPED_BF16, "refine_steps": 1500, "refine_latent_lr_ratio": 2.0, "refine_adam_beta2": 0.99,
          "calibration_seed": seed}, HALF)
