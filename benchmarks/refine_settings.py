@@ -20,8 +20,8 @@ Adam's beta2 (``--refine-adam-beta2``).
     python benchmarks/refine_settings.py        # -> results/refine_settings_smollm2.md (~9 min on 2 cores)
     python benchmarks/refine_settings.py --settings 1500x4@3e-3 1000x4@3e-3 1000x4@6e-3 1000x4@1e-2 \
         --out benchmarks/results/refine_settings_lr_smollm2.md    # fewer steps at a higher rate
-    python benchmarks/refine_settings.py --settings 1500x4@3e-3 1500x4@3e-3,latent=2 1500x4@3e-3,beta2=0.99 \
-        1500x4@3e-3,latent=2,beta2=0.99 --out benchmarks/results/refine_settings_optimizer_smollm2.md
+    python benchmarks/refine_settings.py --settings 1500x4@3e-3 1500x4@3e-3,latent=2,beta2=0.99 \
+        --out optimizer_screen.md    # the optimizer's settings (their whole-model score: results/smollm2_quality_c4_latent_lr.md)
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -47,26 +48,31 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # target give way to SETTINGS and the symmetric target below
 GROUPED = {**GROUPED_BF16, **C4_ONLY_CALIBRATION, "kv_ratio": 0.5}
 HELD_OUT = 64  # sequences per held-out text, never fitted to
-# (steps, sequences per step, Adam learning rate, latent rate ratio, Adam beta2): the grouped recipe's 1500 x 4,
-# then about the same refinement time spent on smaller steps (--settings: others, written
-# STEPSxSEQUENCES@LR[,latent=RATIO][,beta2=BETA2])
-SETTINGS = [(1500, 4, 3e-3, 1.0, 0.999), (3000, 2, 3e-3, 1.0, 0.999), (6000, 1, 3e-3, 1.0, 0.999)]
+
+
+class Setting(NamedTuple):
+    steps: int
+    batch: int  # calibration sequences per step
+    lr: float
+    latent: float = 1.0  # --refine-latent-lr-ratio
+    beta2: float = 0.999  # --refine-adam-beta2
+
+
+# the grouped recipe's 1500 x 4, then about the same refinement time spent on smaller steps (--settings: others)
+SETTINGS = [Setting(1500, 4, 3e-3), Setting(3000, 2, 3e-3), Setting(6000, 1, 3e-3)]
 SETTING_FORMAT = "STEPSxSEQUENCES@LR[,latent=RATIO][,beta2=BETA2], e.g. 1000x4@6e-3 or 1500x4@3e-3,latent=2,beta2=0.99"
 
 
-def setting(text: str) -> tuple[int, int, float, float, float]:
-    """"1500x4@3e-3,latent=2,beta2=0.99" -> (1500, 4, 0.003, 2.0, 0.99)."""
+def setting(text: str) -> Setting:
+    """"1500x4@3e-3,latent=2,beta2=0.99" -> Setting(1500, 4, 0.003, latent=2.0, beta2=0.99)."""
     try:
         head, *extras = text.split(",")
         shape, lr = head.split("@")
         steps, batch = shape.split("x")
-        extra = {"latent": 1.0, "beta2": 0.999}
-        for item in extras:
-            key, value = item.split("=")
-            if key not in extra:
-                raise ValueError(key)
-            extra[key] = float(value)
-        return int(steps), int(batch), float(lr), extra["latent"], extra["beta2"]
+        optional = dict(item.split("=") for item in extras)
+        if not set(optional) <= {"latent", "beta2"}:
+            raise ValueError(optional)
+        return Setting(int(steps), int(batch), float(lr), **{key: float(value) for key, value in optional.items()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: write a setting as {SETTING_FORMAT}") from None
 
