@@ -126,7 +126,8 @@ def convert(
                     writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
             for name, t in tensors.items():
                 writer.add(prefix + "self_attn." + name, t.to(out_dtype))
-            if i + 1 < dims.num_hidden_layers:
+            # the calibration streams feed the compressed layers only: none to carry past the last one
+            if any(widths[j] is not None and j not in opts.keep_layers for j in range(i + 1, dims.num_hidden_layers)):
                 streams = {kind: after_layer[kind] if kind in after_layer else
                            _propagate(i, h, layer, tensors, opts, source, converted=kind == "converted")
                            for kind, h in streams.items()}

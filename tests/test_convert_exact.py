@@ -229,3 +229,29 @@ def test_hadamard_rotation_is_the_same_model(sources, setting, tmp_path):
     wa = plain.model.layers[0].self_attn.kv_a_proj.weight[:16]
     wb = rotated.model.layers[0].self_attn.kv_a_proj.weight[:16]
     assert (wa - wb).abs().max().item() > 1e-2  # the cached latent really is a different basis
+
+
+@pytest.mark.parametrize("kept, carried", [([1, 2], 0), ([1], 2)], ids=["trailing", "middle"])
+def test_kept_layers_keep_the_source_and_leave_the_prefix_unchanged(tmp_path, monkeypatch, kept, carried):
+    """--keep-layers: a kept layer holds the source's attention exactly, the compressed layers before it
+    are what converting every layer gives them, and the calibration streams (both of the model
+    target's) are carried through a kept layer only when a compressed layer follows it."""
+    import converters.convert as conv
+    from safetensors.torch import load_file
+
+    src = make_hf_model(tmp_path / "src", "llama", kv_heads=2, layers=3)
+    calls = []
+    real = conv._propagate
+    monkeypatch.setattr(conv, "_propagate", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    kw = dict(rope_mode="full", kv_ratio=0.5, method="activation", refine_steps=5, refine_target="model")
+    tensors = lambda out: {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}  # noqa: E731
+    partial = tensors(_convert(src, tmp_path / "kept", keep_layers=kept, **kw))
+    assert len(calls) == carried  # the refinement hands on its own streams; kept layers need a propagation
+    every = tensors(_convert(src, tmp_path / "all", **kw))
+    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for name, t in partial.items():
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
+        if layer == 0:
+            torch.testing.assert_close(t, every[name], atol=0, rtol=0)
+        elif layer in kept and ".self_attn." in name:
+            torch.testing.assert_close(t, source[name], atol=0, rtol=0)
