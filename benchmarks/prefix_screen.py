@@ -15,7 +15,7 @@ WikiText-2 test) in windows of 1024 tokens, as a multiple of the source's on the
 A prefix of 12 layers costs about 40% of a full conversion.
 
     python benchmarks/prefix_screen.py        # the recipe and the two settings the whole model rejected
-    python benchmarks/prefix_screen.py --settings 1500x4@3e-3 1800x4@3e-3 --out screen.md
+    python benchmarks/prefix_screen.py --resume --settings 1500x4@2e-3    # one more setting beside the stored rows
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 validation windows of 1024 tokens")
     ap.add_argument("--calibration-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "prefix_screen_smollm2.md")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of --out (its .json) and add the settings it lacks: a screen that grows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the converter's progress
     t_run = time.perf_counter()
@@ -69,9 +71,10 @@ def main() -> None:
     source_ppl, _, tokens = score(src, windows)
     logging.info("source: perplexity %.3f on %d WikiText-2 validation tokens", source_ppl, tokens)
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    rows = []
+    rows = stored_rows(args, source_ppl) if args.resume else []
+    todo = [s for s in args.settings if s._asdict() not in [r["setting"] for r in rows]]
     with tempfile.TemporaryDirectory() as tmp:
-        for n, s in enumerate(args.settings, 1):
+        for n, s in enumerate(todo, 1):
             t0 = time.perf_counter()
             convert(src, Path(tmp) / "prefix", options(s, args.prefix, layers, args.calibration_seed),
                     overwrite=True, progress=False)
@@ -79,8 +82,22 @@ def main() -> None:
             ppl = score(Path(tmp) / "prefix", windows)[0]
             rows.append(dict(setting=s._asdict(), perplexity=ppl, ratio=ppl / source_ppl, seconds=seconds))
             logging.info("setting %d/%d %s: perplexity %.3f (%.4fx the source), converted in %.0f s",
-                         n, len(args.settings), s, ppl, ppl / source_ppl, seconds)
+                         n, len(todo), s, ppl, ppl / source_ppl, seconds)
             write(args, rows, source_ppl, tokens, time.perf_counter() - t_run)
+
+
+def stored_rows(args: argparse.Namespace, source_ppl: float) -> list[dict]:
+    """The rows of an earlier screen at ``--out`` (``--resume``). Conversions and scores are deterministic,
+    so a stored row is the row this run would measure (its seconds are from its own sitting)."""
+    path = args.out.with_suffix(".json")
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text())
+    same = dict(source=round(source_ppl, 6), prefix=args.prefix, windows=args.windows, seed=args.calibration_seed)
+    if {key: stored.get(key) for key in same} != same:
+        raise SystemExit(f"{path} screened {({key: stored.get(key) for key in same})}, this run asks for {same}: "
+                         "drop --resume or write to another --out")
+    return stored["rows"]
 
 
 def write(args: argparse.Namespace, rows: list[dict], source_ppl: float, tokens: int, seconds: float) -> None:
@@ -102,8 +119,9 @@ def write(args: argparse.Namespace, rows: list[dict], source_ppl: float, tokens:
         lines.append(f"| {s['steps']} x {s['batch']} | {s['lr']:g} | {s['latent']:g} | {s['beta2']:g} | "
                      f"{r['perplexity']:.3f} | {r['ratio']:.4f} | {r['ratio'] / rows[0]['ratio']:.4f} | {r['seconds']:.0f} |")
     args.out.write_text("\n".join(lines) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps(dict(command=command, source=source_ppl, tokens=tokens,
-                                                             rows=rows), indent=1) + "\n")
+    args.out.with_suffix(".json").write_text(json.dumps(dict(
+        command=command, source=round(source_ppl, 6), tokens=tokens, prefix=args.prefix, windows=args.windows,
+        seed=args.calibration_seed, rows=rows), indent=1) + "\n")
     print(args.out.read_text(), flush=True)
 
 
