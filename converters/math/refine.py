@@ -114,9 +114,9 @@ def fit_to_outputs(
     if steps <= 0 or before == 0.0:
         return FitReport(before, before, 0, time.perf_counter() - t0, outputs=start_outputs)
     scale = targets.pow(2).mean().clamp_min(1e-30)  # the loss in units of E, so one lr fits all layers
-    multiples = lr_scales or [1.0] * len(params)  # one Adam group per distinct rate
-    groups = [{"params": [p for p, m in zip(params, multiples) if m == rate], "lr": lr * rate}
-              for rate in dict.fromkeys(multiples)]
+    lr_scales = lr_scales or [1.0] * len(params)  # one Adam group per distinct rate
+    groups = [{"params": [p for p, s in zip(params, lr_scales) if s == scale], "lr": lr * scale}
+              for scale in dict.fromkeys(lr_scales)]
     opt = torch.optim.Adam(groups, lr=lr, betas=(0.9, beta2), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
     g = torch.Generator().manual_seed(seed)
