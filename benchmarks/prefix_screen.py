@@ -9,13 +9,16 @@ model's stream fed the converted one (``--refine-target model``), so each layer 
 what the layers before it left; a one-layer screen fed the source's states sees none of that.
 
 This screen runs the converter itself, with the grouped recipe's options and each setting, on the
-first ``--prefix`` layers only (the rest kept as the source's, ``--keep-layers``), and scores the
-model's perplexity on text the calibration never saw: WikiText-2 validation (the tables score
-WikiText-2 test) in windows of 1024 tokens, as a multiple of the source's on the same windows.
-A prefix of 12 layers costs about 40% of a full conversion.
+first layers, and scores the model with its first d layers converted and the rest the source's, for
+each depth d of ``--depths``, on text the calibration never saw: WikiText-2 validation (the tables
+score WikiText-2 test) in windows of 1024 tokens, as a multiple of the source's on the same windows.
+One conversion of the deepest prefix gives every depth: layer i's conversion reads only the layers
+before it, so the deeper conversion's first d layers are exactly what converting d layers gives
+(``hybrid``). ``--test`` also scores the deepest on WikiText-2 test, the tables' protocol.
 
     python benchmarks/prefix_screen.py        # the recipe and the two settings the whole model rejected
     python benchmarks/prefix_screen.py --resume --settings 1500x4@2e-3    # one more setting beside the stored rows
+    python benchmarks/prefix_screen.py --depths 6 12 18 24 30 --test --out depths.md    # where a setting wins or loses
 """
 
 from __future__ import annotations
@@ -31,9 +34,14 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from safetensors.torch import load_file, save_file
+
+from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
 from converters.options import DEFAULT_CALIBRATION_TEXTS
+from latentkv import checkpoint as ckpt
+from latentkv import format as fmt
 from latentkv.text import load_eval_windows
 from refine_settings import GROUPED, SETTING_FORMAT, Setting, setting
 from smollm2_quality import score
@@ -52,38 +60,67 @@ def options(s: Setting, prefix: int, layers: int, seed: int) -> ConvertOptions:
                              "calibration_seed": seed, "keep_layers": list(range(prefix, layers))})
 
 
+def hybrid(converted: Path, source: Path, depth: int, out: Path) -> Path:
+    """``converted`` with its layers from ``depth`` on the source's again: what converting only layers
+    [0, depth) writes, since each layer's conversion reads only the layers before it."""
+    config = json.loads((converted / "config.json").read_text())
+    layers = config["latent_kv"]["layers"]
+    scale = fmt.default_softmax_scale(config["head_dim"])
+    layers[depth:] = [fmt.SourceLayer(softmax_scale=scale).model_dump() for _ in layers[depth:]]
+    tensors = {k: v for f in sorted(converted.glob("*.safetensors")) for k, v in load_file(f).items()}
+    source_tensors = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
+    for i in range(depth, len(layers)):
+        prefix = f"model.layers.{i}.self_attn."
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+        tensors.update({k: v.to(tensors["model.embed_tokens.weight"].dtype) for k, v in source_tensors.items()
+                        if k.startswith(prefix)})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    ckpt.copy_tokenizer_files(converted, out)
+    ckpt.validate_checkpoint(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", type=setting, nargs="+", default=SETTINGS,
                     help=f"{SETTING_FORMAT}; the first is the one the others are compared with")
-    ap.add_argument("--prefix", type=int, default=12, help="layers converted (from the first)")
+    ap.add_argument("--depths", type=int, nargs="+", default=[12], help="layers converted (from the first), each scored")
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 validation windows of 1024 tokens")
+    ap.add_argument("--test", action="store_true", help="also score the deepest on 8 windows of WikiText-2 test")
     ap.add_argument("--calibration-seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "prefix_screen_smollm2.md")
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of --out (its .json) and add the settings it lacks: a screen that grows")
     args = ap.parse_args()
+    args.depths = sorted(set(args.depths))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the converter's progress
     t_run = time.perf_counter()
     src = smollm2_hf()
-    windows = load_eval_windows(WIKI_VALID, AutoTokenizer.from_pretrained(src), 1024, mode="raw",
-                                max_windows=args.windows)
-    source_ppl, _, tokens = score(src, windows)
-    logging.info("source: perplexity %.3f on %d WikiText-2 validation tokens", source_ppl, tokens)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    texts = {"valid": load_eval_windows(WIKI_VALID, tokenizer, 1024, mode="raw", max_windows=args.windows)}
+    if args.test:
+        texts["test"] = load_eval_windows(WIKITEXT, tokenizer, 1024, mode="raw", max_windows=8)
+    sources = {text: score(src, windows)[0] for text, windows in texts.items()}
+    logging.info("source: perplexity %s", sources)
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
-    rows = stored_rows(args, source_ppl) if args.resume else []
+    rows = stored_rows(args, sources["valid"]) if args.resume else []
     todo = [s for s in args.settings if s._asdict() not in [r["setting"] for r in rows]]
+    deepest = args.depths[-1]
     with tempfile.TemporaryDirectory() as tmp:
         for n, s in enumerate(todo, 1):
             t0 = time.perf_counter()
-            convert(src, Path(tmp) / "prefix", options(s, args.prefix, layers, args.calibration_seed),
-                    overwrite=True, progress=False)
+            converted = Path(tmp) / "converted"
+            convert(src, converted, options(s, deepest, layers, args.calibration_seed), overwrite=True, progress=False)
             seconds = time.perf_counter() - t0
-            ppl = score(Path(tmp) / "prefix", windows)[0]
-            rows.append(dict(setting=s._asdict(), perplexity=ppl, ratio=ppl / source_ppl, seconds=seconds))
-            logging.info("setting %d/%d %s: perplexity %.3f (%.4fx the source), converted in %.0f s",
-                         n, len(todo), s, ppl, ppl / source_ppl, seconds)
-            write(args, rows, source_ppl, tokens, time.perf_counter() - t_run)
+            ratios = {str(d): score(hybrid(converted, src, d, Path(tmp) / f"depth{d}") if d < deepest else converted,
+                               texts["valid"])[0] / sources["valid"] for d in args.depths}
+            test = score(converted, texts["test"])[0] / sources["test"] if args.test else None
+            rows.append(dict(setting=s._asdict(), ratios=ratios, test=test, seconds=seconds))
+            logging.info("setting %d/%d %s: x source by depth %s%s, converted in %.0f s", n, len(todo), s,
+                         {d: round(r, 4) for d, r in ratios.items()}, f", test {test:.4f}" if test else "", seconds)
+            write(args, rows, sources, time.perf_counter() - t_run)
 
 
 def stored_rows(args: argparse.Namespace, source_ppl: float) -> list[dict]:
@@ -93,35 +130,40 @@ def stored_rows(args: argparse.Namespace, source_ppl: float) -> list[dict]:
     if not path.exists():
         return []
     stored = json.loads(path.read_text())
-    same = dict(source=round(source_ppl, 6), prefix=args.prefix, windows=args.windows, seed=args.calibration_seed)
+    same = dict(source=round(source_ppl, 6), depths=args.depths, windows=args.windows, test=args.test,
+                seed=args.calibration_seed)
     if {key: stored.get(key) for key in same} != same:
         raise SystemExit(f"{path} screened {({key: stored.get(key) for key in same})}, this run asks for {same}: "
                          "drop --resume or write to another --out")
     return stored["rows"]
 
 
-def write(args: argparse.Namespace, rows: list[dict], source_ppl: float, tokens: int, seconds: float) -> None:
+def write(args: argparse.Namespace, rows: list[dict], sources: dict[str, float], seconds: float) -> None:
     command = " ".join(["benchmarks/prefix_screen.py", *sys.argv[1:]])
+    ratio = lambda r, d: r["ratios"][str(d)]  # noqa: E731  (keyed by strings, as JSON stores them)
+    test = f" WikiText-2 test (8 windows, the tables' protocol), source {sources['test']:.3f}: the deepest." if args.test else ""
     lines = [
-        "# Refinement settings on a converted prefix of SmolLM2-135M-Instruct",
+        "# Refinement settings on converted prefixes of SmolLM2-135M-Instruct",
         "",
         f"Written by `{command}` in {seconds:.0f} s (2 CPU cores). The grouped recipe (one latent per KV head, 50% cache, "
         f"model target, q/o free, bfloat16 steps, {GROUPED['calibration_samples']} C4 sequences of 256 tokens, "
-        f"calibration seed {args.calibration_seed}) on layers 0-{args.prefix - 1}, the others kept as the source's; "
-        f"perplexity on {tokens} tokens of WikiText-2 validation ({args.windows} windows of 1024), source "
-        f"{source_ppl:.3f}. `/ first`: the ratio over the first setting's.",
+        f"calibration seed {args.calibration_seed}); the first d layers converted, the others the source's. Perplexity "
+        f"as a multiple of the source's on WikiText-2 validation ({args.windows} windows of 1024 tokens, source "
+        f"{sources['valid']:.3f}); `/ first`: over the first setting's at the same depth.{test}",
         "",
-        "| steps x sequences | lr | latent lr x | Adam beta2 | perplexity | x source | / first | convert s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| steps x sequences | lr | latent lr x | Adam beta2 | "
+        + " | ".join(f"d={d} | / first" for d in args.depths) + (" | test |" if args.test else " |") + " convert s |",
+        "|---|---|---|---|" + "---|---|" * len(args.depths) + ("---|" if args.test else "") + "---|",
     ]
     for r in rows:
         s = r["setting"]
-        lines.append(f"| {s['steps']} x {s['batch']} | {s['lr']:g} | {s['latent']:g} | {s['beta2']:g} | "
-                     f"{r['perplexity']:.3f} | {r['ratio']:.4f} | {r['ratio'] / rows[0]['ratio']:.4f} | {r['seconds']:.0f} |")
+        cells = " | ".join(f"{ratio(r, d):.4f} | {ratio(r, d) / ratio(rows[0], d):.4f}" for d in args.depths)
+        lines.append(f"| {s['steps']} x {s['batch']} | {s['lr']:g} | {s['latent']:g} | {s['beta2']:g} | {cells} | "
+                     + (f"{r['test']:.4f} | " if args.test else "") + f"{r['seconds']:.0f} |")
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(dict(
-        command=command, source=round(source_ppl, 6), tokens=tokens, prefix=args.prefix, windows=args.windows,
-        seed=args.calibration_seed, rows=rows), indent=1) + "\n")
+        command=command, source=round(sources["valid"], 6), depths=args.depths, windows=args.windows, test=args.test,
+        seed=args.calibration_seed, sources=sources, rows=rows), indent=1) + "\n")
     print(args.out.read_text(), flush=True)
 
 
