@@ -34,8 +34,6 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from safetensors.torch import load_file, save_file
-
 from converters.cli import WIKITEXT
 from converters.convert import ConvertOptions, convert
 from converters.importers.smollm2 import smollm2_hf
@@ -65,17 +63,19 @@ def hybrid(converted: Path, source: Path, depth: int, out: Path) -> Path:
     [0, depth) writes, since each layer's conversion reads only the layers before it."""
     config = json.loads((converted / "config.json").read_text())
     layers = config["latent_kv"]["layers"]
-    scale = fmt.default_softmax_scale(config["head_dim"])
-    layers[depth:] = [fmt.SourceLayer(softmax_scale=scale).model_dump() for _ in layers[depth:]]
-    tensors = {k: v for f in sorted(converted.glob("*.safetensors")) for k, v in load_file(f).items()}
-    source_tensors = {k: v for f in sorted(source.glob("*.safetensors")) for k, v in load_file(f).items()}
-    for i in range(depth, len(layers)):
-        prefix = f"model.layers.{i}.self_attn."
-        tensors = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
-        tensors.update({k: v.to(tensors["model.embed_tokens.weight"].dtype) for k, v in source_tensors.items()
-                        if k.startswith(prefix)})
+    layers[depth:] = [fmt.SourceLayer(softmax_scale=fmt.default_softmax_scale(config["head_dim"])).model_dump()
+                      for _ in layers[depth:]]
+    restored = lambda name: ".self_attn." in name and int(name.split(".")[2]) >= depth  # noqa: E731
+    latent, original = ckpt.TensorReader(converted), ckpt.TensorReader(source)
+    dtype = latent.get("model.embed_tokens.weight", dtype=None).dtype  # the converted checkpoint's
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    writer = ckpt.ShardedWriter(out)
+    for name in latent.names():
+        if not restored(name):
+            writer.add(name, latent.get(name, dtype=None))
+    for name in filter(restored, original.names()):
+        writer.add(name, original.get(name, dtype))
+    writer.close()
     (out / "config.json").write_text(json.dumps(config, indent=2))
     ckpt.copy_tokenizer_files(converted, out)
     ckpt.validate_checkpoint(out)

@@ -116,6 +116,8 @@ def convert(
             widths = allocate_widths(widths, opts, source, hidden, cached_stats,
                                      lambda i, w, stats, h: _closed_form_module(i, w, opts, source, h, stats))
             log.info("%s rank allocation: latent widths %s", opts.rank_allocation, widths)
+        # the calibration streams feed the compressed layers only: none to carry past the last one
+        last_compressed = max((j for j, w in enumerate(widths) if w is not None and j not in opts.keep_layers), default=-1)
         bar = tqdm(range(dims.num_hidden_layers), desc="convert", unit="layer", disable=not progress)
         for i in bar:
             layer, tensors, after_layer = convert_layer(i, widths[i], opts, source, streams, cached_stats.pop(i, None))
@@ -126,8 +128,7 @@ def convert(
                     writer.add(name, source.tensor(name, dtype=None).to(out_dtype))
             for name, t in tensors.items():
                 writer.add(prefix + "self_attn." + name, t.to(out_dtype))
-            # the calibration streams feed the compressed layers only: none to carry past the last one
-            if any(widths[j] is not None and j not in opts.keep_layers for j in range(i + 1, dims.num_hidden_layers)):
+            if i < last_compressed:
                 streams = {kind: after_layer[kind] if kind in after_layer else
                            _propagate(i, h, layer, tensors, opts, source, converted=kind == "converted")
                            for kind, h in streams.items()}

@@ -244,11 +244,10 @@ def test_kept_layers_keep_the_source_and_leave_the_prefix_unchanged(tmp_path, mo
     real = conv._propagate
     monkeypatch.setattr(conv, "_propagate", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     kw = dict(rope_mode="full", kv_ratio=0.5, method="activation", refine_steps=5, refine_target="model")
-    tensors = lambda out: {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}  # noqa: E731
-    partial = tensors(_convert(src, tmp_path / "kept", keep_layers=kept, **kw))
+    partial = load_file(_convert(src, tmp_path / "kept", keep_layers=kept, **kw) / "model.safetensors")
     assert len(calls) == carried  # the refinement hands on its own streams; kept layers need a propagation
-    every = tensors(_convert(src, tmp_path / "all", **kw))
-    source = {k: v for f in sorted(src.glob("*.safetensors")) for k, v in load_file(f).items()}
+    every = load_file(_convert(src, tmp_path / "all", **kw) / "model.safetensors")
+    source = load_file(src / "model.safetensors")
     for name, t in partial.items():
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None
         if layer == 0:
