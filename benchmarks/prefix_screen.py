@@ -55,6 +55,7 @@ def options(s: Setting, prefix: int, layers: int, seed: int) -> ConvertOptions:
     converting layers [0, prefix) only."""
     return ConvertOptions(**{**GROUPED, "refine_steps": s.steps, "refine_batch": s.batch, "refine_lr": s.lr,
                              "refine_latent_lr_ratio": s.latent, "refine_adam_beta2": s.beta2,
+                             "refine_residual_weight": s.residual,
                              "calibration_seed": seed, "keep_layers": list(range(prefix, layers))})
 
 
@@ -135,12 +136,14 @@ def stored_rows(args: argparse.Namespace, source_ppl: float) -> list[dict]:
     if {key: stored.get(key) for key in same} != same:
         raise SystemExit(f"{path} screened {({key: stored.get(key) for key in same})}, this run asks for {same}: "
                          "drop --resume or write to another --out")
-    return stored["rows"]
+    return [{**r, "setting": Setting(**r["setting"])._asdict()} for r in stored["rows"]]  # fields added since: defaults
 
 
 def write(args: argparse.Namespace, rows: list[dict], sources: dict[str, float], seconds: float) -> None:
     command = " ".join(["benchmarks/prefix_screen.py", *sys.argv[1:]])
     ratio = lambda r, d: r["ratios"][str(d)]  # noqa: E731  (keyed by strings, as JSON stores them)
+    asked = [s._asdict() for s in args.settings]  # rows in --settings order (stored ones it omits last): its first leads
+    rows = sorted(rows, key=lambda r: asked.index(r["setting"]) if r["setting"] in asked else len(asked))
     test = f" WikiText-2 test (8 windows, the tables' protocol), source {sources['test']:.3f}: the deepest." if args.test else ""
     lines = [
         "# Refinement settings on converted prefixes of SmolLM2-135M-Instruct",
@@ -151,14 +154,14 @@ def write(args: argparse.Namespace, rows: list[dict], sources: dict[str, float],
         f"as a multiple of the source's on WikiText-2 validation ({args.windows} windows of 1024 tokens, source "
         f"{sources['valid']:.3f}); `/ first`: over the first setting's at the same depth.{test}",
         "",
-        "| steps x sequences | lr | latent lr x | Adam beta2 | "
+        "| steps x sequences | lr | latent lr x | Adam beta2 | residual weight | "
         + " | ".join(f"d={d} | / first" for d in args.depths) + (" | test |" if args.test else " |") + " convert s |",
-        "|---|---|---|---|" + "---|---|" * len(args.depths) + ("---|" if args.test else "") + "---|",
+        "|---|---|---|---|---|" + "---|---|" * len(args.depths) + ("---|" if args.test else "") + "---|",
     ]
     for r in rows:
         s = r["setting"]
         cells = " | ".join(f"{ratio(r, d):.4f} | {ratio(r, d) / ratio(rows[0], d):.4f}" for d in args.depths)
-        lines.append(f"| {s['steps']} x {s['batch']} | {s['lr']:g} | {s['latent']:g} | {s['beta2']:g} | {cells} | "
+        lines.append(f"| {s['steps']} x {s['batch']} | {s['lr']:g} | {s['latent']:g} | {s['beta2']:g} | {s['residual']:g} | {cells} | "
                      + (f"{r['test']:.4f} | " if args.test else "") + f"{r['seconds']:.0f} |")
     args.out.write_text("\n".join(lines) + "\n")
     args.out.with_suffix(".json").write_text(json.dumps(dict(

@@ -56,11 +56,13 @@ class Setting(NamedTuple):
     lr: float
     latent: float = 1.0  # --refine-latent-lr-ratio
     beta2: float = 0.999  # --refine-adam-beta2
+    residual: float = 1.0  # --refine-residual-weight (prefix_screen.py only: this screen feeds the source's states)
 
 
 # the grouped recipe's 1500 x 4, then about the same refinement time spent on smaller steps (--settings: others)
 SETTINGS = [Setting(1500, 4, 3e-3), Setting(3000, 2, 3e-3), Setting(6000, 1, 3e-3)]
-SETTING_FORMAT = "STEPSxSEQUENCES@LR[,latent=RATIO][,beta2=BETA2], e.g. 1000x4@6e-3 or 1500x4@3e-3,latent=2,beta2=0.99"
+SETTING_FORMAT = ("STEPSxSEQUENCES@LR[,latent=RATIO][,beta2=BETA2][,residual=ALPHA], e.g. 1000x4@6e-3 or "
+                  "1500x4@3e-3,latent=2,beta2=0.99")
 
 
 def setting(text: str) -> Setting:
@@ -70,7 +72,7 @@ def setting(text: str) -> Setting:
         shape, lr = head.split("@")
         steps, batch = shape.split("x")
         optional = dict(item.split("=") for item in extras)
-        if not set(optional) <= {"latent", "beta2"}:
+        if not set(optional) <= {"latent", "beta2", "residual"}:
             raise ValueError(optional)
         return Setting(int(steps), int(batch), float(lr), **{key: float(value) for key, value in optional.items()})
     except ValueError:
@@ -111,6 +113,9 @@ def main() -> None:
                     help=f"{SETTING_FORMAT}; the first is the one the others are compared with")
     ap.add_argument("--out", type=Path, default=RESULTS / "refine_settings_smollm2.md")
     args = ap.parse_args()
+    if any(s.residual != 1 for s in args.settings):  # h_src - h = 0 here: alpha would change nothing
+        ap.error("residual= weighs the converted stream's error, and this screen feeds each layer the source's "
+                 "states: screen it with benchmarks/prefix_screen.py")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t_run = time.perf_counter()
     source = SourceModel(smollm2_hf())
@@ -122,7 +127,7 @@ def main() -> None:
         if i in args.layers:
             layer, tensors = _convert_attention(i, widths[i], opts, source, hidden)
             tensors = complete_biases(layer, tensors, opts, source)
-            for n, (steps, batch, lr, ratio, beta2) in enumerate(args.settings, 1):
+            for n, (steps, batch, lr, ratio, beta2, _) in enumerate(args.settings, 1):
                 r = dict(layer=i, steps=steps, batch=batch, lr=lr, ratio=ratio, beta2=beta2,
                          **refine(source, i, hidden, held, layer, tensors, opts, steps, batch, lr, ratio, beta2))
                 rows.append(r)

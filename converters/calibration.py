@@ -122,7 +122,7 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
                         tensors: dict[str, torch.Tensor], attention_bias: bool, *, steps: int, lr: float,
                         batch: int, params: str = "latent", seed: int = 0, device: str = "cpu", precision: str = "float32",
                         reference: torch.Tensor | None = None, objective: str = "attention",
-                        latent_lr_ratio: float = 1.0, beta2: float = 0.999
+                        latent_lr_ratio: float = 1.0, beta2: float = 0.999, residual_weight: float = 1.0
                         ) -> tuple[dict[str, torch.Tensor], FitReport, dict[str, torch.Tensor]]:
     """Layer i's latent tensors fitted to the source attention's output on the calibration hidden
     states (``converters.math.refine``), on ``device``; returns the updated tensors (float64, CPU),
@@ -132,7 +132,8 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
 
     ``reference``: the source model's own hidden states entering layer i, when ``hidden`` are the
     converted model's. The target is then the source's residual stream after the attention, less
-    the converted stream: o(h) ~ o_src(h_src) + (h_src - h) (``--refine-target model``).
+    the converted stream: o(h) ~ o_src(h_src) + alpha (h_src - h) (``--refine-target model``; alpha =
+    ``residual_weight``, ``--refine-residual-weight``, 1 by default).
     ``objective``: "attention" compares those attention outputs; "block" (``--refine-objective``)
     compares what the whole layer adds, f(h + o(h)) - h ~ f(h_src + o_src(h_src)) - h, through the
     frozen MLP.
@@ -153,9 +154,9 @@ def refine_latent_layer(source: SourceModel, i: int, hidden: torch.Tensor, layer
     source_after = reference + source_out
     if objective == "block":
         source_out = predictions(source_layer.feed_forward, source_after, out=source_after).sub(reference)  # the whole layer's
-    targets = source_out  # h_src = h unless fitting to the source model's stream: then o_src + (h_src - h)
-    if reference is not hidden:  # in place, and a + b == b + a exactly: the targets of the out-of-place sum
-        targets = torch.sub(reference, hidden).add_(source_out)
+    targets = source_out  # h_src = h unless fitting to the source model's stream: then o_src + alpha (h_src - h)
+    if reference is not hidden:  # in place (x * 1 and a + b == b + a are exact: alpha 1 is the plain sum)
+        targets = torch.sub(reference, hidden).mul_(residual_weight).add_(source_out)
     student = attention_module(source, single_layer_spec(source, layer, attention_bias), tensors, torch.float32).to(device)
     chosen = {n: p for n, p in student.named_parameters() if n.startswith(REFINED_PARAMETERS[params])}
     lr_scales = [latent_lr_ratio if n.startswith(REFINED_PARAMETERS["latent"]) else 1.0 for n in chosen]

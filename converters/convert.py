@@ -185,6 +185,7 @@ def convert_layer(i: int, width: int, opts: ConvertOptions, source: SourceModel,
             source, i, student, layer, tensors, has_bias(opts, source), steps=opts.refine_steps, lr=opts.refine_lr,
             batch=opts.refine_batch, params=opts.refine_params, seed=opts.calibration_seed + i,
             latent_lr_ratio=opts.refine_latent_lr_ratio, beta2=opts.refine_adam_beta2,
+            residual_weight=opts.refine_residual_weight,
             device=opts.refine_device or ("cuda" if torch.cuda.is_available() else "cpu"),
             precision=opts.refine_precision, reference=reference, objective=opts.refine_objective)
         log.info("layer %d: %s output error %.4f -> %.4f (%d refinement steps in %s, %.1f s)", i,

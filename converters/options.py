@@ -138,6 +138,10 @@ class ConvertOptions(CommandOptions):
                              "(GPTAQ's asymmetric calibration); layer: the source layer's attention output on the "
                              "hidden states the layer is fed (--calibration-inputs)",
         json_schema_extra=_cli("refinement"))
+    refine_residual_weight: float = Field(
+        1.0, ge=0, le=1, description="alpha of the model target o_src(h_src) + alpha (h_src - h): how much of the error "
+                                     "the layers before it left each layer is asked to cancel (1: all, GPTAQ's target; "
+                                     "0: none, the source attention's output alone)", json_schema_extra=_cli("refinement"))
     refine_objective: Literal["attention", "block"] = Field(
         "attention", description="what the fit compares: attention, the attention's output (what the residual stream "
                                  "receives); block, the whole decoder layer's output, attention then the source's "
@@ -205,6 +209,8 @@ class ConvertOptions(CommandOptions):
              "method latentllm builds separate key and value latents: use --svd split"),
             (self.rank_allocation != "uniform" and self.ranks is not None,
              "rank_allocation lorc/budgeted/care/kl distributes a total budget: give kv_ratio or rank, not ranks"),
+            (self.refine_residual_weight != 1 and self.refine_target != "model",
+             "--refine-residual-weight weighs the model target's stream error: use it with --refine-target model"),
             (self.nope_scaling == "fit" and (self.rope_mode == "full" or self.method == "transkv"),
              "--nope-scaling fit scales the key dims that lose RoPE: use it with --rope-mode partial or shared"),
         ]

@@ -190,6 +190,35 @@ def test_model_target_refinement_beats_the_layer_target(stories, windows, tmp_pa
     assert model < layer, (layer, model)
 
 
+def test_residual_weight_scales_the_stream_error_in_the_target(stories):
+    """--refine-residual-weight alpha: the model target is o_src(h_src) + alpha (h_src - h). A full-rank
+    closed form is the source attention (o = o_src), so the error it starts from (steps=0) fed a drifted
+    stream h = h_src + d is ||o_src(h) - o_src(h_src) + alpha d||^2 / ||o_src(h_src) - alpha d||^2 (d's sign:
+    h_src - h = -d)."""
+    from converters import calibration as calib
+    from converters.convert import _convert_attention, complete_biases, has_bias, latent_widths
+    from converters.importers.hf import SourceModel
+
+    source = SourceModel(stories)
+    opts = ConvertOptions(rope_mode="full", kv_ratio=1.0, method="activation")
+    h_src = calib.embed(source, torch.randint(0, source.dims.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0)))
+    d = 0.1 * torch.randn(h_src.shape, generator=torch.Generator().manual_seed(1))
+    layer, tensors = _convert_attention(0, latent_widths(opts, source.dims, source.qk_norm)[0], opts, source, h_src)
+    tensors = complete_biases(layer, tensors, opts, source)
+
+    def fit(hidden, **kw):  # no steps: the closed form's error and outputs
+        return calib.refine_latent_layer(source, 0, hidden, layer, tensors, has_bias(opts, source), steps=0, lr=1e-3,
+                                         batch=2, **kw)[1]
+
+    o_src, o_drifted = fit(h_src).outputs, fit(h_src + d).outputs
+    for alpha in (0.0, 0.5, 1.0):
+        error = fit(h_src + d, reference=h_src, residual_weight=alpha).error_before
+        expected = (o_drifted - o_src + alpha * d).pow(2).sum() / (o_src - alpha * d).pow(2).sum()
+        assert error == pytest.approx(float(expected), rel=1e-4), alpha
+    with pytest.raises(ValueError, match="--refine-target model"):
+        ConvertOptions(refine_target="layer", refine_residual_weight=0.5).check()
+
+
 def test_calibration_streams_are_those_the_recipe_reads():
     """The converted model's stream is carried beside the source's only when something reads it: the
     model-target refinement (the student's input) or --calibration-inputs converted."""

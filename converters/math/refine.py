@@ -25,7 +25,9 @@ model's hidden states h and asks for the source model's own residual stream afte
 
     E(theta) = sum ||o_theta(h) - [o_src(h_src) + (h_src - h)]||^2 / sum ||o_src(h_src) + (h_src - h)||^2,
 
-so each layer also cancels what the layers before it left in the stream. Both compare the
+so each layer also cancels what the layers before it left in the stream. ``--refine-residual-weight``
+alpha damps that part of the target to alpha (h_src - h), asking each layer to cancel only part of
+the stream error (much of which no attention layer can predict from its inputs). Both compare the
 attention's output; ``--refine-objective block`` compares what the whole decoder layer adds
 instead, f(h + o_theta(h)) - h against f(h_src + o_src(h_src)) - h with f the source's frozen MLP
 half (the block reconstruction of AutoRound and OmniQuant), so an error counts as much as the MLP
