@@ -197,6 +197,12 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
         {**GROUPED_BF16, "refine_steps": 1500, "refine_latent_lr_ratio": 2.0, "refine_adam_beta2": 0.99,
          "calibration_seed": seed}, HALF)
        for seed, suffix in GROUPED_SEEDS},
+    # the damped model target (--refine-residual-weight 0.5: each layer cancels half of the stream error the layers
+    # before it left): ahead of the recipe at every depth of benchmarks/prefix_screen.py
+    # (results/prefix_depths_residual_smollm2.md), here in the tables' protocol at both seeds
+    **{f"full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-bf16-residual0.5{suffix}": (
+        {**GROUPED_BF16, "refine_steps": 1500, "refine_residual_weight": 0.5, "calibration_seed": seed}, HALF)
+       for seed, suffix in GROUPED_SEEDS},
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
@@ -361,7 +367,7 @@ def main() -> None:
             "to `-3000` run 300 to 3000 steps, `-qo` as above, `-64seq` calibrates on 64 sequences instead of 32 "
             "(`-128seq` to `-1000seq` on 128 to 1000, `-64x512` on 64 of 512 tokens, `-32x1024` on 32 of 1024 tokens, one per Adam step, `-64x2048` on 64 of 2048), "
             "`-lr3e-3` runs Adam at 3e-3 instead of 1e-3, `-bf16` runs the refinement's steps in bfloat16 mixed precision "
-            "(`--refine-precision bfloat16`; every other row in float32), `-batch2` takes 2 calibration sequences per Adam step instead of 4, `-block` fits the whole layer's output through the source's frozen MLP instead of the attention's (`--refine-objective block`), `-latent2x-beta0.99` moves the latent factors at twice Adam's rate of the q/o projections (`--refine-latent-lr-ratio 2`) with Adam's beta2 at 0.99 (`--refine-adam-beta2 0.99`), `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
+            "(`--refine-precision bfloat16`; every other row in float32), `-batch2` takes 2 calibration sequences per Adam step instead of 4, `-block` fits the whole layer's output through the source's frozen MLP instead of the attention's (`--refine-objective block`), `-latent2x-beta0.99` moves the latent factors at twice Adam's rate of the q/o projections (`--refine-latent-lr-ratio 2`) with Adam's beta2 at 0.99 (`--refine-adam-beta2 0.99`), `-residual0.5` asks each layer to cancel half of the stream error the layers before it left (`--refine-residual-weight 0.5`), `-seed1` draws the calibration sequences and mini-batches with seed 1 instead of 0, `-damping1` whitens with the relative damping 1 instead of 0.01. `rootcov-refined-model-300-qo` is the converter's default recipe.",
             "",
             "| setting | KV cache | perplexity | x source | first half |" + (" PTB x source |" if args.ptb else "") + " convert s |",
             "|---|---|---|---|---|" + ("---|" if args.ptb else "") + "---|",
