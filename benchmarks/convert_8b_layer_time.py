@@ -10,7 +10,7 @@ one conversion of the same source at a 50% cache:
 * + refinement: the default recipe (``ConvertOptions``' defaults: 300 Adam steps per layer on the
   latent factors and q/o projections, against the source model's stream), its steps in float32 and
   in bfloat16 mixed precision (``--refine-precision``; its default, auto, picks bfloat16 on CPUs
-  with AVX512-BF16 or AMX and on GPUs with bfloat16);
+  with AMX and on GPUs with bfloat16; ``refine_precision_time.py`` compares the two on any CPU);
 * + kl allocation: ``--rank-allocation kl`` (closed form), whose cost grows with the depth: each of
   a layer's candidate widths runs the rest of the model and the output head on 8 sequences.
 

@@ -153,9 +153,8 @@ class ConvertOptions(CommandOptions):
                                                         "float64)", json_schema_extra=_cli("refinement"))
     refine_precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="precision of the refinement steps' forward and backward passes (bfloat16: autocast; the "
-                            "parameters, optimiser state and error checks stay float32); auto: bfloat16 where the "
-                            "device computes it natively (CUDA with bfloat16, CPUs with AVX512-BF16 or AMX), else "
-                            "float32", json_schema_extra=_cli("refinement"))
+                            "parameters, optimiser state and error checks stay float32); auto: bfloat16 where its "
+                            "steps are the faster ones (CUDA with native bfloat16, CPUs with AMX), else float32", json_schema_extra=_cli("refinement"))
     # -- calibration --
     calibration_text: list[str] | None = Field(
         None, description="plain text or JSON lines used for statistics; repeat the flag to mix texts, each giving an "

@@ -37,8 +37,8 @@ passes it on to the next layers. This file sees only ``predict`` and fixed ``tar
 Mixed precision (``--refine-precision``): the steps' forward and backward passes may run under
 bfloat16 autocast, as AutoRound's layer-wise tuning does by default, while the parameters, Adam's
 moments, the loss and both checks of E stay float32. On SmolLM2 the default recipe scores the same
-either way, and converts 1.4x faster on a 2-core AVX512-BF16 CPU
-(``benchmarks/results/smollm2_quality_default_bf16.md``).
+either way (``benchmarks/results/smollm2_quality_default_bf16.md``); whether it is faster depends on
+the CPU: ``benchmarks/refine_precision_time.py`` measures it.
 """
 
 from __future__ import annotations
@@ -145,15 +145,16 @@ def fit_to_outputs(
 
 def mixed_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of ``--refine-precision`` on ``device``: None for float32; for auto,
-    bfloat16 where the device computes it natively (CUDA GPUs with bfloat16, CPUs with AVX512-BF16
-    or AMX), else None (emulated bfloat16 is slower than float32)."""
+    bfloat16 where its steps are the faster ones (CUDA GPUs with native bfloat16, CPUs with AMX),
+    else None. A CPU with AVX512-BF16 but no AMX computes bfloat16 natively too, yet ran the steps
+    about 2x slower than float32 (``benchmarks/results/refine_precision_time_avx512-bf16.md``)."""
     if precision != "auto":
         return None if precision == "float32" else getattr(torch, precision)
     device = torch.device(device)
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
-    elif device.type == "cpu":  # torch.cpu's probes are private: absent ones count as no support
-        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    elif device.type == "cpu":  # torch.cpu's probe is private: an absent one counts as no AMX
+        native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     else:
         native = False
     return torch.bfloat16 if native else None
