@@ -207,6 +207,8 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
     # about 2x slower (results/refine_precision_time_avx512-bf16.md): its quality and its time on such a machine
     "full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-residual0.5": (
         {**GROUPED_BF16, "refine_steps": 1500, "refine_residual_weight": 0.5, "refine_precision": "float32"}, HALF),
+    # the joint latent's default recipe with the damped target, at 50% and 25% (beside the default recipe's row)
+    "full-rootcov-refined-model-300-qo-residual0.5": (dict(rope_mode="full", **MODEL_QO, refine_residual_weight=0.5), BOTH),
     # how far another calibration sample (and mini-batch order) moves the best C4 recipe: the spread to read its
     # differences against
     **{f"full-rootcov-refined-model-600-qo-512seq-lr3e-3-seed{seed}": (
