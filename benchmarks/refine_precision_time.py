@@ -3,7 +3,7 @@
 ``--refine-precision auto`` picks bfloat16 steps on CPUs with AMX and float32 on others. Whether
 bfloat16 is faster depends on the CPU: on one 2-core machine an 8B-shaped layer's steps ran 2.4x
 faster in bfloat16 (``results/convert_8b_layer_time.md``), on a 2-core AVX512-BF16 machine without
-AMX about 2x slower (``results/refine_precision_time_avx512-bf16.md``), though that CPU computes
+AMX 1.6-1.8x slower (``results/refine_precision_time_avx512-bf16.md``), though that CPU computes
 bfloat16 natively too. This script measures it for the layers users convert:
 
 * SmolLM2-135M-Instruct, one latent per KV head (the grouped recipe: q/o free, model target);
@@ -41,6 +41,7 @@ from converters.allocation import latent_widths
 from converters.convert import ConvertOptions, _convert_attention, calibration_tokens, complete_biases, has_bias
 from converters.importers.hf import SourceModel
 from converters.importers.smollm2 import smollm2_hf
+from converters.math.refine import cpu_has
 from converters.options import C4_ONLY_CALIBRATION
 from smollm2_quality import GROUPED_BF16
 
@@ -55,11 +56,10 @@ LAYERS = {  # label -> (options at a 50% cache, True for SmolLM2's real weights 
 
 
 def cpu_kind() -> str:
-    """amx / avx512-bf16 / no-bf16, from torch's CPU probes (private: an absent one counts as no)."""
-    has = lambda probe: getattr(torch.cpu, probe, lambda: False)()  # noqa: E731
-    if has("_is_amx_tile_supported"):
+    """amx / avx512-bf16 / no-bf16, from torch's CPU probes (the first is what auto reads)."""
+    if cpu_has("_is_amx_tile_supported"):
         return "amx"
-    return "avx512-bf16" if has("_is_avx512_bf16_supported") else "no-bf16"
+    return "avx512-bf16" if cpu_has("_is_avx512_bf16_supported") else "no-bf16"
 
 
 def cpu_name() -> str:
@@ -89,13 +89,13 @@ def fit_seconds(source, opts, hidden, layer, tensors, steps: int, precision: str
 def time_layer(source: SourceModel, opts: ConvertOptions, steps: int, repeats: int, ids=None) -> dict:
     hidden, layer, tensors = layer_and_inputs(source, opts, ids)
     checks = {p: fit_seconds(source, opts, hidden, layer, tensors, 0, p)[0] for p in PRECISIONS}  # E on all inputs
-    per_step, errors = {p: [] for p in PRECISIONS}, {}
+    per_step = {p: [] for p in PRECISIONS}
     for r in range(repeats):
         for p in PRECISIONS[:: 1 if r % 2 == 0 else -1]:
-            seconds, errors[p] = fit_seconds(source, opts, hidden, layer, tensors, steps, p)
+            seconds, error = fit_seconds(source, opts, hidden, layer, tensors, steps, p)
             per_step[p].append((seconds - 2 * checks[p]) / steps)
-            logging.info("repeat %d/%d, %s steps: %.3f s per step (E %.4f)", r + 1, repeats, p, per_step[p][-1], errors[p])
-    return dict(median={p: statistics.median(s) for p, s in per_step.items()}, all=per_step, error=errors,
+            logging.info("repeat %d/%d, %s steps: %.3f s per step (E %.4f)", r + 1, repeats, p, per_step[p][-1], error)
+    return dict(median={p: statistics.median(s) for p, s in per_step.items()}, all=per_step,
                 batch=opts.refine_batch, recipe_steps=opts.refine_steps)
 
 

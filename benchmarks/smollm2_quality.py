@@ -204,7 +204,7 @@ ROWS: dict[str, tuple[dict, tuple[float, ...]]] = {
         {**GROUPED_BF16, "refine_steps": 1500, "refine_residual_weight": 0.5, "calibration_seed": seed}, HALF)
        for seed, suffix in GROUPED_SEEDS},
     # the same in float32 steps, what --refine-precision auto picks on a CPU without AMX, where bfloat16 steps ran
-    # about 2x slower (results/refine_precision_time_avx512-bf16.md): its quality and its time on such a machine
+    # 1.6-1.8x slower (results/refine_precision_time_avx512-bf16.md): its quality and its time on such a machine
     "full-3groups-rootcov-refined-model-1500-qo-512seq-lr3e-3-residual0.5": (
         {**GROUPED_BF16, "refine_steps": 1500, "refine_residual_weight": 0.5, "refine_precision": "float32"}, HALF),
     # the joint latent's default recipe with the damped target, at 50% and 25% (beside the default recipe's row)

@@ -143,18 +143,23 @@ def fit_to_outputs(
     return FitReport(before, after, steps, time.perf_counter() - t0, precision, outputs)
 
 
+def cpu_has(probe: str) -> bool:
+    """torch.cpu's ``probe`` (e.g. "_is_amx_tile_supported"); the probes are private: an absent one counts as no."""
+    return getattr(torch.cpu, probe, lambda: False)()
+
+
 def mixed_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of ``--refine-precision`` on ``device``: None for float32; for auto,
     bfloat16 where its steps are the faster ones (CUDA GPUs with native bfloat16, CPUs with AMX),
     else None. A CPU with AVX512-BF16 but no AMX computes bfloat16 natively too, yet ran the steps
-    about 2x slower than float32 (``benchmarks/results/refine_precision_time_avx512-bf16.md``)."""
+    1.6-1.8x slower than float32 (``benchmarks/results/refine_precision_time_avx512-bf16.md``)."""
     if precision != "auto":
         return None if precision == "float32" else getattr(torch, precision)
     device = torch.device(device)
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported(including_emulation=False)
-    elif device.type == "cpu":  # torch.cpu's probe is private: an absent one counts as no AMX
-        native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    elif device.type == "cpu":
+        native = cpu_has("_is_amx_tile_supported")
     else:
         native = False
     return torch.bfloat16 if native else None
