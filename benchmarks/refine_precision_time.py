@@ -41,7 +41,7 @@ from converters.allocation import latent_widths
 from converters.convert import ConvertOptions, _convert_attention, calibration_tokens, complete_biases, has_bias
 from converters.importers.hf import SourceModel
 from converters.importers.smollm2 import smollm2_hf
-from converters.math.refine import cpu_has
+from converters.math.refine import cpu_has, mixed_precision
 from converters.options import C4_ONLY_CALIBRATION
 from smollm2_quality import GROUPED_BF16
 
@@ -60,6 +60,11 @@ def cpu_kind() -> str:
     if cpu_has("_is_amx_tile_supported"):
         return "amx"
     return "avx512-bf16" if cpu_has("_is_avx512_bf16_supported") else "no-bf16"
+
+
+def auto_precision() -> str:
+    """The steps' precision ``--refine-precision auto`` picks on this CPU: float32 or bfloat16."""
+    return str(mixed_precision("auto", "cpu") or torch.float32).removeprefix("torch.")
 
 
 def cpu_name() -> str:
@@ -141,8 +146,8 @@ def write(out: Path, rows: dict, args, seconds: float) -> None:
         lines.append(f"| {label} | {r['batch']} | {f32:.3f} [{each['float32']}] | {bf16:.3f} [{each['bfloat16']}] | "
                      f"{f32 / bf16:.2f}x | {r['recipe_steps']}: {r['recipe_steps'] * f32:.0f} | "
                      f"{r['recipe_steps'] * bf16:.0f} |")
-    lines += ["", "A speed-up under 1 means bfloat16 steps are the slower ones on this CPU: pass "
-              "`--refine-precision float32`. The recipe columns are the refinement's step time per layer at "
+    lines += ["", f"A speed-up under 1 means bfloat16 steps are the slower ones on this CPU; `--refine-precision auto` "
+              f"picks {auto_precision()} steps here. The recipe columns are the refinement's step time per layer at "
               "the recipe's steps (the grouped recipe: 1500; the default: 300), without its E checks."]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
