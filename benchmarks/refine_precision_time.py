@@ -83,11 +83,19 @@ def layer_and_inputs(source: SourceModel, opts: ConvertOptions, ids: torch.Tenso
     return hidden, layer, complete_biases(layer, tensors, opts, source)
 
 
+def refine_layer0(source, opts, hidden, layer, tensors, steps: int, precision: str, reference=None):
+    """Layer 0 refined from its closed form with ``opts``' settings, ``steps`` steps in ``precision``
+    (the model target when ``reference`` is given): the fit's report."""
+    _, report, _ = calib.refine_latent_layer(
+        source, 0, hidden, layer, dict(tensors), has_bias(opts, source), steps=steps, lr=opts.refine_lr,
+        batch=opts.refine_batch, params=opts.refine_params, precision=precision, reference=reference,
+        residual_weight=opts.refine_residual_weight)
+    return report
+
+
 def fit_seconds(source, opts, hidden, layer, tensors, steps: int, precision: str) -> tuple[float, float]:
     """Seconds of a ``steps``-step fit of layer 0 in ``precision`` steps, and the E it reaches."""
-    _, report, _ = calib.refine_latent_layer(source, 0, hidden, layer, dict(tensors), has_bias(opts, source),
-                                             steps=steps, lr=opts.refine_lr, batch=opts.refine_batch,
-                                             params=opts.refine_params, precision=precision)
+    report = refine_layer0(source, opts, hidden, layer, tensors, steps, precision)
     return report.seconds, report.error_after
 
 

@@ -17,7 +17,7 @@ From those it estimates the whole conversion (30 layers x (fixed + steps x step)
 same with every step reduced to its matrix multiplies and attention kernels, which no fusion of
 the rest removes. The steps run in the precision ``--refine-precision auto`` picks here.
 
-    python benchmarks/refine_time_split.py    # -> results/refine_time_split_<cpu kind>.md (~3 min on 2 cores)
+    python benchmarks/refine_time_split.py    # -> results/refine_time_split_<cpu kind>.md (about a minute on 2 cores)
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from converters import calibration as calib
 from converters.allocation import latent_widths
-from converters.convert import ConvertOptions, _convert_attention, calibration_tokens, complete_biases, has_bias
+from converters import calibration as calib
+from converters.convert import ConvertOptions, _convert_attention, calibration_tokens, complete_biases
 from converters.importers.hf import SourceModel
 from converters.importers.smollm2 import smollm2_hf
 from converters.options import C4_ONLY_CALIBRATION
-from refine_precision_time import auto_precision, cpu_kind, cpu_name
+from refine_precision_time import auto_precision, cpu_kind, cpu_name, refine_layer0
 from smollm2_quality import ROWS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,30 +61,27 @@ def part_of(event) -> str:
     return "attention kernels" if "scaled_dot_product" in event.name or "flash_attention" in event.name else "the rest"
 
 
-def refine(source, opts, hidden, layer, tensors, steps: int, precision: str, reference=None):
+def refine(source, opts, hidden, layer, tensors, steps: int, reference=None) -> float:
     """Seconds of the refinement of layer 0 with ``steps`` steps (the model target when ``reference`` is
     given), all of it: the targets, the fit with its E checks, the streams through the MLP."""
     t0 = time.perf_counter()
-    calib.refine_latent_layer(
-        source, 0, hidden, layer, dict(tensors), has_bias(opts, source), steps=steps, lr=opts.refine_lr,
-        batch=opts.refine_batch, params=opts.refine_params, precision=precision, reference=reference,
-        residual_weight=opts.refine_residual_weight)
+    refine_layer0(source, opts, hidden, layer, tensors, steps, opts.refine_precision, reference)
     return time.perf_counter() - t0
 
 
-def step_seconds(source, opts, hidden, layer, tensors, steps: int, repeats: int, precision: str) -> float:
+def step_seconds(source, opts, hidden, layer, tensors, steps: int, repeats: int) -> float:
     """Median seconds of one step: (a ``steps``-step refinement - a 1-step one) / (steps - 1), so
     everything but the steps (the targets, E before and after, the MLP) cancels."""
-    base = refine(source, opts, hidden, layer, tensors, 1, precision)
-    return statistics.median((refine(source, opts, hidden, layer, tensors, steps, precision) - base) / (steps - 1)
+    base = refine(source, opts, hidden, layer, tensors, 1)
+    return statistics.median((refine(source, opts, hidden, layer, tensors, steps) - base) / (steps - 1)
                              for _ in range(repeats))
 
 
-def step_shares(source, opts, hidden, layer, tensors, steps: int, precision: str) -> dict[str, float]:
+def step_shares(source, opts, hidden, layer, tensors, steps: int) -> dict[str, float]:
     """Each part's share of the self CPU time of a profiled ``steps``-step refinement, a 1-step one's subtracted."""
     def profiled(n):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            refine(source, opts, hidden, layer, tensors, n, precision)
+            refine(source, opts, hidden, layer, tensors, n)
         totals = defaultdict(float)
         for event in prof.events():
             totals[part_of(event)] += event.self_cpu_time_total
@@ -105,7 +102,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t_run = time.perf_counter()
     opts = ConvertOptions(**{**ROWS[RECIPE_ROW][0], **C4_ONLY_CALIBRATION, "kv_ratio": 0.5, "refine_precision": "auto"})
-    precision = auto_precision()
     source = SourceModel(smollm2_hf())
     hidden = calib.embed(source, calibration_tokens(source, opts))
     width = latent_widths(opts, source.dims, source.qk_norm)[0]
@@ -117,19 +113,19 @@ def main() -> None:
         closed.append(time.perf_counter() - t0)
     tensors = complete_biases(layer, tensors, opts, source)
     small = hidden[:STEP_SEQUENCES]
-    logging.info("%d-step fits in %s, %d times", args.steps, precision, args.repeats)
-    step = step_seconds(source, opts, small, layer, tensors, args.steps, args.repeats, precision)
-    shares = step_shares(source, opts, small, layer, tensors, args.steps, precision)
+    logging.info("%d-step fits in %s, %d times", args.steps, auto_precision(), args.repeats)
+    step = step_seconds(source, opts, small, layer, tensors, args.steps, args.repeats)
+    shares = step_shares(source, opts, small, layer, tensors, args.steps)
     logging.info("one-step fits on all %d sequences (the refinement's fixed passes), %d times", len(hidden), args.repeats)
     reference = hidden.clone()  # a second stream, as the model target has: both go through the MLP
-    passes = statistics.median(refine(source, opts, hidden, layer, tensors, 1, precision, reference) - step
+    passes = statistics.median(refine(source, opts, hidden, layer, tensors, 1, reference) - step
                                for _ in range(args.repeats))
-    write(args.out or RESULTS / f"refine_time_split_{cpu_kind()}.md", opts, precision, step, shares,
+    write(args.out or RESULTS / f"refine_time_split_{cpu_kind()}.md", opts, step, shares,
           statistics.median(closed), passes, source.dims.num_hidden_layers, hidden.shape, args,
           time.perf_counter() - t_run)
 
 
-def write(out: Path, opts, precision, step, shares, closed, passes, layers, shape, args, seconds) -> None:
+def write(out: Path, opts, step, shares, closed, passes, layers, shape, args, seconds) -> None:
     command = " ".join(["benchmarks/refine_time_split.py", *sys.argv[1:]])
     steps = opts.refine_steps
     fixed = closed + passes
@@ -141,7 +137,7 @@ def write(out: Path, opts, precision, step, shares, closed, passes, layers, shap
         f"Written by `{command}` in {seconds:.0f} s on {cpu_name()} ({torch.get_num_threads()} threads, torch "
         f"{torch.__version__}). SmolLM2-135M-Instruct, layer 0, smollm2_quality.py's row `{RECIPE_ROW}` at a 50% "
         f"cache ({shape[0]} x {shape[1]} calibration tokens, {steps} steps of {opts.refine_batch} sequences) with "
-        f"steps in {precision} (what `--refine-precision auto` picks here); medians of {args.repeats} timings.",
+        f"steps in {auto_precision()} (what `--refine-precision auto` picks here); medians of {args.repeats} timings.",
         "",
         "| one step | ms | share |",
         "|---|---|---|",
